@@ -38,11 +38,22 @@ def raw_qemu_boot(images: DeviceImages, workdir: Path) -> float:
     overlay.unlink(missing_ok=True)
     create_overlay(images.disk, overlay)
     command = [
-        board.qemu.binary, "-M", board.qemu.machine, "-cpu", board.qemu.cpu,
-        "-m", str(board.qemu.memory >> 20), "-nographic", "-nic", "none",
-        "-bios", str(board.firmware.path),
-        "-drive", f"if=none,id=emmc,file={overlay},format=qcow2",
-        "-device", "virtio-blk-pci,drive=emmc",
+        board.qemu.binary,
+        "-M",
+        board.qemu.machine,
+        "-cpu",
+        board.qemu.cpu,
+        "-m",
+        str(board.qemu.memory >> 20),
+        "-nographic",
+        "-nic",
+        "none",
+        "-bios",
+        str(board.firmware.path),
+        "-drive",
+        f"if=none,id=emmc,file={overlay},format=qcow2",
+        "-device",
+        "virtio-blk-pci,drive=emmc",
     ]
     started = time.monotonic()
     child = pexpect.spawn(command[0], command[1:], encoding="utf-8", timeout=120)
@@ -72,7 +83,9 @@ def timed(device: Device, command: str) -> float:
     return time.monotonic() - started
 
 
-def update_times(images: DeviceImages, workdir: Path, payload: Path) -> tuple[float, float]:
+def update_times(
+    images: DeviceImages, workdir: Path, payload: Path
+) -> tuple[float, float]:
     """Return (updater seconds, mke2fs + tar -xJf seconds) on one booted device."""
     inactive = images.board.storage.layout["rootfs2"].device
     with Device(images, workdir / "update") as device:

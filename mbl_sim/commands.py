@@ -1,4 +1,4 @@
-"""Running host commands: log the command and its exit code, put stderr into the error."""
+"""Run host commands: log the command and its exit code, put stderr into errors."""
 
 from __future__ import annotations
 
@@ -36,12 +36,21 @@ def run(
         if stdout_path is not None:
             with stdout_path.open("wb") as out:
                 result = subprocess.run(
-                    argv, cwd=cwd, env=env, input=input_bytes, stdout=out,
-                    stderr=subprocess.PIPE, check=False,
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    input=input_bytes,
+                    stdout=out,
+                    stderr=subprocess.PIPE,
+                    check=False,
                 )
         else:
             result = subprocess.run(
-                argv, cwd=cwd, env=env, input=input_bytes, capture_output=True,
+                argv,
+                cwd=cwd,
+                env=env,
+                input=input_bytes,
+                capture_output=True,
                 check=False,
             )
     except FileNotFoundError as error:

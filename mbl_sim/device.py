@@ -1,23 +1,24 @@
 """The Device API that tests and scenarios use: one emulated MBL device.
 
-A ``Device`` owns one QEMU machine booted from copy-on-write overlays of built images, its
-console and its shell. It powers on, waits for U-Boot and the shell, runs commands, reboots,
-powers off, cuts the power, and delivers payload files onto the running device's storage.
+A ``Device`` owns one QEMU machine booted from copy-on-write overlays of built images,
+its console and its shell. It powers on, waits for U-Boot and the shell, runs commands,
+reboots, powers off, cuts the power, and delivers payload files onto the running
+device's storage.
 
-Payload delivery: QEMU attaches a second raw disk (the transfer disk). ``deliver()`` writes a
-header and the file to it on the host while the guest runs, and the guest's
+Payload delivery: QEMU attaches a second raw disk (the transfer disk). ``deliver()``
+writes a header and the file to it on the host while the guest runs, and the guest's
 ``/usr/lib/mbl-sim/receive`` copies it onto the device's own storage (``/scratch`` by
 default), as a field device receives a download.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import struct
 import time
+import zlib
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,7 +36,7 @@ UBOOT_PROMPT = r"=> "
 SYSTEM_READY = r"mbl: system ready, slot (?P<slot>[a-z]+), version (?P<version>\S+)"
 
 TRANSFER_MAGIC = b"MBLSIMXF"
-TRANSFER_HEADER = struct.Struct("<8sIQ32s")
+TRANSFER_HEADER = struct.Struct("<8sIQI")  # magic, format 2, length, CRC-32
 TRANSFER_DATA_OFFSET = 4096
 TRANSFER_DISK_SIZE = 1 << 30
 RECEIVE_COMMAND = "/usr/lib/mbl-sim/receive"
@@ -46,7 +47,9 @@ BOOT_TIMEOUT = 90.0
 class Device:
     """One emulated device. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, images: DeviceImages, workdir: Path, *, name: str = "device") -> None:
+    def __init__(
+        self, images: DeviceImages, workdir: Path, *, name: str = "device"
+    ) -> None:
         """Prepare the device's overlays in ``workdir``; nothing runs yet.
 
         ``workdir`` keeps the overlays, the transfer disk, the console transcript
@@ -77,7 +80,9 @@ class Device:
 
     def _running(self) -> Machine:
         if self.machine is None:
-            raise ConfigError(f"device {self.name!r} is powered off; call power_on() first")
+            raise ConfigError(
+                f"device {self.name!r} is powered off; call power_on() first"
+            )
         return self.machine
 
     def power_on(self, *, wait: str = "shell", timeout: float = BOOT_TIMEOUT) -> None:
@@ -94,7 +99,10 @@ class Device:
         if self.machine is not None:
             raise ConfigError(f"device {self.name!r} is already powered on")
         machine = Machine(
-            self.board, [self.disk, self.transfer_disk], name=self.name, workdir=self.workdir
+            self.board,
+            [self.disk, self.transfer_disk],
+            name=self.name,
+            workdir=self.workdir,
         )
         with step(self._log, "power on"):
             machine.start()
@@ -141,7 +149,9 @@ class Device:
             console.sendline("")
             self.shell = Shell(console)
             self.shell.setup(timeout=30.0)
-        self._log.info("booted slot %s, version %s", self.booted_slot, self.booted_version)
+        self._log.info(
+            "booted slot %s, version %s", self.booted_slot, self.booted_version
+        )
 
     def reboot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Reboot with the guest's ``reboot`` and wait for the shell again."""
@@ -200,7 +210,9 @@ class Device:
             raise ConfigError(f"device {self.name!r} has no shell yet; boot it first")
         return self.shell
 
-    def run(self, command: str, timeout: float = 60.0, *, check: bool = False) -> CommandResult:
+    def run(
+        self, command: str, timeout: float = 60.0, *, check: bool = False
+    ) -> CommandResult:
         """Run a shell command on the device and return its exit status and output.
 
         Raises:
@@ -215,7 +227,9 @@ class Device:
 
     # -- payloads -------------------------------------------------------------------
 
-    def deliver(self, path: Path, destination: str | None = None, timeout: float = 120.0) -> str:
+    def deliver(
+        self, path: Path, destination: str | None = None, timeout: float = 120.0
+    ) -> str:
         """Put the host file ``path`` onto the running device's storage and return its
         path on the device (``/scratch/NAME`` unless ``destination`` is given).
 
@@ -233,14 +247,14 @@ class Device:
             )
         target = destination or f"/scratch/{path.name}"
         started = time.monotonic()
-        digest = hashlib.sha256()
+        crc = 0
         with path.open("rb") as source, self.transfer_disk.open("r+b") as disk:
             disk.seek(TRANSFER_DATA_OFFSET)
             while chunk := source.read(1 << 20):
-                digest.update(chunk)
+                crc = zlib.crc32(chunk, crc)
                 disk.write(chunk)
             disk.seek(0)
-            disk.write(TRANSFER_HEADER.pack(TRANSFER_MAGIC, 1, size, digest.digest()))
+            disk.write(TRANSFER_HEADER.pack(TRANSFER_MAGIC, 2, size, crc))
             disk.flush()
             os.fsync(disk.fileno())
         transfer_device = self._transfer_device()
@@ -248,7 +262,11 @@ class Device:
         elapsed = time.monotonic() - started
         self._log.info(
             "delivered %s to %s: %d bytes in %.2f s (%.1f MiB/s)",
-            path.name, target, size, elapsed, size / (1 << 20) / max(elapsed, 1e-6),
+            path.name,
+            target,
+            size,
+            elapsed,
+            size / (1 << 20) / max(elapsed, 1e-6),
         )
         return target
 
@@ -264,7 +282,9 @@ class Device:
 
     # -- the updater ----------------------------------------------------------------
 
-    def install(self, payload: Path, *, expect_reboot: bool = True, timeout: float = 600.0) -> CommandResult:
+    def install(
+        self, payload: Path, *, expect_reboot: bool = True, timeout: float = 600.0
+    ) -> CommandResult:
         """Deliver ``payload`` and run ``mbl-update install`` on it.
 
         With ``expect_reboot`` (root filesystem updates) a successful install is
@@ -293,9 +313,13 @@ class Device:
         try:
             value = json.loads(output)
         except json.JSONDecodeError as error:
-            raise TargetError(f"mbl-update status --json printed invalid JSON: {output!r}") from error
+            raise TargetError(
+                f"mbl-update status --json printed invalid JSON: {output!r}"
+            ) from error
         if not isinstance(value, dict):
-            raise TargetError(f"mbl-update status --json printed {value!r}, not an object")
+            raise TargetError(
+                f"mbl-update status --json printed {value!r}, not an object"
+            )
         return value
 
     def version(self) -> str:
@@ -308,7 +332,9 @@ class Device:
         for argument in output.split():
             if argument.startswith("mbl.slot="):
                 return argument.removeprefix("mbl.slot=")
-        raise TargetError(f"no mbl.slot= on the kernel command line: {output.strip()!r}")
+        raise TargetError(
+            f"no mbl.slot= on the kernel command line: {output.strip()!r}"
+        )
 
     def env_digest(self) -> str:
         """Return the SHA-256 of both raw environment copies, read on the device."""
@@ -317,6 +343,7 @@ class Device:
         parts = []
         for offset in env.offsets:
             parts.append(
-                f"dd if={disk} bs=512 skip={offset // 512} count={env.size // 512} 2>/dev/null"
+                f"dd if={disk} bs=512 skip={offset // 512} "
+                f"count={env.size // 512} 2>/dev/null"
             )
         return self.check_output(f"({'; '.join(parts)}) | sha256sum").split()[0]

@@ -9,6 +9,7 @@ device expects.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mbl_sim.errors import BuildError, ConfigError
+from mbl_sim.images.cache import StepKey, locked
 from mbl_sim.images.rootfs import DEVICE_NODES
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,13 @@ class RootfsChange:
     Attributes:
         version: new content of /etc/mbl-version, or None to keep it.
         files: extra or replaced regular files: path inside the root → content.
+        modes: permission bits of files in ``files`` (default 0o644): path → mode.
         remove: paths inside the root to leave out (with everything below them).
     """
 
     version: str | None = None
     files: Mapping[str, bytes] = field(default_factory=dict)
+    modes: Mapping[str, int] = field(default_factory=dict)
     remove: Sequence[str] = ()
 
 
@@ -51,7 +55,9 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def _excluded(relative: str, change: RootfsChange) -> bool:
-    return any(relative == r or relative.startswith(r.rstrip("/") + "/") for r in change.remove)
+    return any(
+        relative == r or relative.startswith(r.rstrip("/") + "/") for r in change.remove
+    )
 
 
 def write_rootfs_tar(source: Path, output: Path, change: RootfsChange) -> None:
@@ -64,6 +70,7 @@ def write_rootfs_tar(source: Path, output: Path, change: RootfsChange) -> None:
     if not source.is_dir():
         raise ConfigError(f"root filesystem source {source} is not a directory")
     replaced = {path.strip("/"): data for path, data in change.files.items()}
+    modes = {path.strip("/"): mode for path, mode in change.modes.items()}
     if change.version is not None:
         replaced[VERSION_FILE] = (change.version + "\n").encode()
     with tarfile.open(output, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -73,14 +80,18 @@ def write_rootfs_tar(source: Path, output: Path, change: RootfsChange) -> None:
                 path = Path(directory, name)
                 relative = path.relative_to(source).as_posix()
                 if relative in replaced or _excluded(relative, change):
-                    if path.is_dir() and not path.is_symlink() and _excluded(relative, change):
+                    if (
+                        path.is_dir()
+                        and not path.is_symlink()
+                        and _excluded(relative, change)
+                    ):
                         dirnames.remove(name)
                     continue
                 tar.add(path, arcname=relative, recursive=False, filter=_root_owned)
         for relative, data in sorted(replaced.items()):
             info = _root_owned(tarfile.TarInfo(relative))
             info.size = len(data)
-            info.mode = 0o644
+            info.mode = modes.get(relative, 0o644)
             tar.addfile(info, io.BytesIO(data))
         for relative, major, minor, mode in DEVICE_NODES:
             if _excluded(relative, change):
@@ -92,20 +103,25 @@ def write_rootfs_tar(source: Path, output: Path, change: RootfsChange) -> None:
 
 
 def compress_xz(source: Path, output: Path, preset: int = 3) -> None:
-    """Compress with the ``xz`` tool on all cores (Python's lzma writes with one thread).
+    """Compress with the ``xz`` tool on all cores; Python's lzma uses one thread.
 
     Raises:
         BuildError: xz failed.
     """
     with source.open("rb") as stream_in, output.open("wb") as stream_out:
         result = subprocess.run(
-            ["xz", f"-{preset}", "-T0", "-c"], stdin=stream_in, stdout=stream_out,
-            stderr=subprocess.PIPE, check=False,
+            ["xz", f"-{preset}", "-T0", "-c"],
+            stdin=stream_in,
+            stdout=stream_out,
+            stderr=subprocess.PIPE,
+            check=False,
         )
     if result.returncode != 0:
         raise BuildError(
-            "xz failed", command=["xz", f"-{preset}", "-T0", "-c"],
-            exit_code=result.returncode, stderr=result.stderr.decode(errors="replace"),
+            "xz failed",
+            command=["xz", f"-{preset}", "-T0", "-c"],
+            exit_code=result.returncode,
+            stderr=result.stderr.decode(errors="replace"),
         )
 
 
@@ -124,22 +140,48 @@ def wrap_payload(members: Mapping[str, Path], output: Path) -> Path:
 def build_rootfs_payload(
     source: Path, output: Path, change: RootfsChange | None = None, xz_preset: int = 3
 ) -> Path:
-    """Build a root filesystem payload from the directory ``source`` and return its path.
+    """Build a root filesystem payload from directory ``source``; return its path.
 
     Raises:
         ConfigError: ``source`` is not a directory.
         BuildError: compression failed.
     """
     change = change or RootfsChange()
-    with tempfile.TemporaryDirectory(prefix="mbl-payload-", dir=output.parent) as scratch:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix="mbl-payload-", dir=output.parent
+    ) as scratch:
         work = Path(scratch)
         write_rootfs_tar(source, work / "rootfs.tar", change)
         compress_xz(work / "rootfs.tar", work / ROOTFS_MEMBER, xz_preset)
         wrap_payload({ROOTFS_MEMBER: work / ROOTFS_MEMBER}, output)
-    log.info("built root filesystem payload %s (%d bytes)", output, output.stat().st_size)
+    log.info(
+        "built root filesystem payload %s (%d bytes)", output, output.stat().st_size
+    )
     return output
 
 
 def copy_tree(source: Path, destination: Path) -> None:
     """Copy a staging tree, keeping links, so that a caller can change the copy."""
     shutil.copytree(source, destination, symlinks=True)
+
+
+def cached_rootfs_payload(
+    rootfs: Path, cache_dir: Path, change: RootfsChange, name: str = "rootfs"
+) -> Path:
+    """Return a root filesystem payload of ``rootfs`` with ``change``.
+
+    Each distinct input is built once and kept in ``cache_dir``, which several test
+    workers share."""
+    key = StepKey("payload")
+    key.add_text(str(rootfs.resolve()))
+    key.add_text(change.version or "")
+    for path, data in sorted(change.files.items()):
+        key.add_text(path).add_text(hashlib.sha256(data).hexdigest())
+        key.add_text(oct(change.modes.get(path, 0o644)))
+    key.add_text(",".join(sorted(change.remove)))
+    output = cache_dir / "payloads" / f"{name}-{key.digest()}.tar"
+    with locked(cache_dir / "locks" / "payload.lock"):
+        if not output.exists():
+            build_rootfs_payload(rootfs, output, change)
+    return output

@@ -1,11 +1,11 @@
 """Content-addressed cache of build steps and downloads.
 
-A build step names its inputs (files, directories and strings); the SHA-256 of all of them
-is the step's key. The step's output directory is ``<cache>/steps/<name>-<key>``; it is built
-in a temporary directory beside it and renamed into place only when complete, so an
-interrupted build never leaves a half-written output that looks finished. A file lock per
-step lets several processes (pytest-xdist workers) ask for the same step at once: one builds,
-the others wait and reuse.
+A build step names its inputs (files, directories and strings); the SHA-256 of all of
+them is the step's key. The step's output directory is ``<cache>/steps/<name>-<key>``;
+it is built in a temporary directory beside it and renamed into place only when
+complete, so an interrupted build never leaves a half-written output that looks
+finished. A file lock per step lets several processes (pytest-xdist workers) ask for the
+same step at once: one builds, the others wait and reuse.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CACHE_FORMAT = "1"
 
 
 def default_cache_dir() -> Path:
-    """Return the cache directory: ``$MBL_SIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/mbl-sim``."""
+    """Return ``$MBL_SIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/mbl-sim``."""
     explicit = os.environ.get("MBL_SIM_CACHE_DIR")
     if explicit:
         return Path(explicit)
@@ -85,7 +85,8 @@ def _walk(root: Path) -> Iterable[Path]:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if missing) inside the block."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -109,13 +110,14 @@ class BuildCache:
         return self.root / "downloads"
 
     def step(self, key: StepKey, build: Callable[[Path], None]) -> Path:
-        """Return the output directory of a step, building it with ``build(tmpdir)`` first
-        unless an output with the same key exists.
+        """Return the output directory of a step.
+
+        Unless an output with the same key exists, ``build(tmpdir)`` makes it first.
 
         Raises whatever ``build`` raises; the partial output is then removed.
         """
         output = self.root / "steps" / f"{key.name}-{key.digest()}"
-        with _locked(self.root / "locks" / f"{key.name}.lock"):
+        with locked(self.root / "locks" / f"{key.name}.lock"):
             if output.is_dir():
                 self.reused.append(key.name)
                 self.report(f"{key.name}: up to date ({output.name})")

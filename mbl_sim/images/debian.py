@@ -1,9 +1,9 @@
-"""Debian packages of a foreign architecture, fetched without root and without dpkg state.
+"""Debian packages of a foreign architecture, fetched without root or dpkg state.
 
-apt runs with a private configuration (its own lists, cache and an empty status file) under
-the cache directory, with ``APT::Architecture`` set to the device's architecture. The host's
-``/etc/apt/sources.list*`` and keyrings are used as they are, so the device gets the same
-Debian release and security updates as the host's archive.
+apt runs with a private configuration (its own lists, cache and an empty status file)
+under the cache directory, with ``APT::Architecture`` set to the device's architecture.
+The host's ``/etc/apt/sources.list*`` and keyrings are used as they are, so the device
+gets the same Debian release and security updates as the host's archive.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mbl_sim.commands import run
 from mbl_sim.errors import BuildError
+from mbl_sim.images.cache import locked
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class AptArchive:
     def update(self, *, force: bool = False) -> None:
         """Refresh the package lists when missing, older than a day, or ``force``."""
         self._prepare()
+        with locked(self.root / "update.lock"):
+            self._update(force)
+
+    def _update(self, force: bool) -> None:
         stamp = self.root / "lists" / ".updated"
         fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < LISTS_MAX_AGE_S
         if fresh and not force:
@@ -113,7 +118,11 @@ class AptArchive:
         output = self._apt_cache("policy", *names)
         found: dict[str, str] = {}
         for block in re.split(r"^(?=\S)", output, flags=re.MULTILINE):
-            header = re.match(r"(\S+?)(?::\S+)?:\s*$", block.splitlines()[0]) if block else None
+            header = (
+                re.match(r"(\S+?)(?::\S+)?:\s*$", block.splitlines()[0])
+                if block
+                else None
+            )
             candidate = re.search(r"^\s*Candidate:\s*(\S+)", block, re.MULTILINE)
             if header and candidate and candidate.group(1) != "(none)":
                 found[header.group(1)] = candidate.group(1)
@@ -163,9 +172,7 @@ class AptArchive:
             new = sorted(real - seen - skip)
             seen.update(new)
             table = self._depends_many(new) if new else {}
-            level = sorted(
-                {d for deps in table.values() for d in deps} - seen - skip
-            )
+            level = sorted({d for deps in table.values() for d in deps} - seen - skip)
         return sorted(seen)
 
     def _real_name(self, name: str) -> str:
@@ -190,7 +197,8 @@ class AptArchive:
         missing = [f"{n}={v}" for n, v in wanted if self._find(n, v) is None]
         if missing:
             log.info("downloading %d %s packages", len(missing), self.architecture)
-            self._apt("download", *missing, cwd=self.debs)
+            with locked(self.root / "download.lock"):
+                self._apt("download", *missing, cwd=self.debs)
         packages = []
         for name, version in wanted:
             path = self._find(name, version)

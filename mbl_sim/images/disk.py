@@ -33,7 +33,7 @@ class PartitionImage:
 
 
 def create_disk(image: Path, size: int, partitions: Sequence[PartitionImage]) -> None:
-    """Create a sparse disk image of ``size`` bytes with a GPT and formatted partitions."""
+    """Create a sparse disk image of ``size`` bytes with a GPT and filesystems."""
     with image.open("wb") as stream:
         stream.truncate(size)
     write_partition_table(image, partitions)
@@ -52,15 +52,24 @@ def write_partition_table(image: Path, partitions: Sequence[PartitionImage]) -> 
             f"start={partition.offset // SECTOR}, size={partition.size // SECTOR}, "
             f'type={kind}, name="{partition.name}"'
         )
-    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", image],
-        input_bytes=("\n".join(lines) + "\n").encode())
+    run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", image],
+        input_bytes=("\n".join(lines) + "\n").encode(),
+    )
 
 
 def make_ext4(image: Path, partition: PartitionImage) -> None:
-    """Format an ext4 filesystem in place, filled from ``partition.content`` if given."""
+    """Format ext4 in place, filled from ``partition.content`` if given."""
     command: list[str | Path] = [
-        "mke2fs", "-q", "-F", "-t", "ext4", "-L", partition.name,
-        "-E", f"offset={partition.offset}",
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-L",
+        partition.name,
+        "-E",
+        f"offset={partition.offset}",
     ]
     if partition.content is not None:
         command += ["-d", partition.content]
@@ -71,8 +80,10 @@ def make_ext4(image: Path, partition: PartitionImage) -> None:
         script += _root_owner_commands(partition.content)
     if script:
         # debugfs takes the partition offset as an I/O option after "?".
-        run(["debugfs", "-w", "-f", "-", f"{image}?offset={partition.offset}"],
-            input_bytes="\n".join(script).encode() + b"\n")
+        run(
+            ["debugfs", "-w", "-f", "-", f"{image}?offset={partition.offset}"],
+            input_bytes="\n".join(script).encode() + b"\n",
+        )
 
 
 def _device_node_commands(nodes: Sequence[tuple[str, int, int, int]]) -> list[str]:
@@ -104,14 +115,25 @@ def make_vfat(image: Path, partition: PartitionImage) -> None:
     # mkfs.vfat picks FAT32 for anything over a few MiB and then rejects partitions
     # below its FAT32 minimum of about 256 MiB, so small boot partitions get FAT16.
     fat_bits = "16" if partition.size < 256 << 20 else "32"
-    run([
-        "mkfs.vfat", "-F", fat_bits, "--offset", str(partition.offset // SECTOR), "-n",
-        partition.name.upper()[:11], image, str(partition.size // 1024),
-    ])
+    run(
+        [
+            "mkfs.vfat",
+            "-F",
+            fat_bits,
+            "--offset",
+            str(partition.offset // SECTOR),
+            "-n",
+            partition.name.upper()[:11],
+            image,
+            str(partition.size // 1024),
+        ]
+    )
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
     for name, source in partition.files.items():
-        run(["mcopy", "-o", "-i", f"{image}@@{partition.offset}", source, f"::{name}"],
-            env=env)
+        run(
+            ["mcopy", "-o", "-i", f"{image}@@{partition.offset}", source, f"::{name}"],
+            env=env,
+        )
 
 
 def write_at(image: Path, offset: int, data: bytes) -> None:

@@ -1,8 +1,8 @@
 """The Debian kernel of a board: its boot image and the few modules the device loads.
 
-Debian's kernel packages ship ``.ko`` files but no ``modules.dep``, so ``depmod`` runs on the
-host twice: over the whole tree to learn the dependencies, then over the subset that the
-initramfs carries.
+Debian's kernel packages ship ``.ko`` files but no ``modules.dep``, so ``depmod`` runs
+on the host twice: over the whole tree to learn the dependencies, then over the subset
+that the initramfs carries.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def unpack_kernel(deb: Path, destination: Path) -> KernelTree:
     releases = sorted(p.name for p in modules.iterdir()) if modules.is_dir() else []
     if len(releases) != 1:
         raise BuildError(
-            f"{deb.name}: expected one kernel release under lib/modules, found {releases}"
+            f"{deb.name}: expected one kernel release under lib/modules, "
+            f"found {releases}"
         )
     tree = KernelTree(destination, releases[0])
     if not tree.image().is_file():
@@ -77,7 +78,9 @@ def _read_soft_dependencies(tree: KernelTree) -> dict[str, list[str]]:
     """Map module name to the modules ``modules.softdep`` asks to load before it."""
     table: dict[str, list[str]] = {}
     text = (tree.modules_dir / "modules.softdep").read_text()
-    for match in re.finditer(r"^softdep (\S+) pre: ([^\n]*?)(?: post:.*)?$", text, re.M):
+    for match in re.finditer(
+        r"^softdep (\S+) pre: ([^\n]*?)(?: post:.*)?$", text, re.M
+    ):
         table[match.group(1).replace("-", "_")] = match.group(2).split()
     return table
 
@@ -103,7 +106,8 @@ def module_load_order(tree: KernelTree, requested: list[str]) -> list[str]:
             continue
         if name not in dependencies:
             raise BuildError(
-                f"kernel {tree.release} has no module {request!r}; check kernel.modules "
+                f"kernel {tree.release} has no module {request!r}; "
+                "check kernel.modules "
                 "in the board file (names as in `modinfo`, for example virtio_blk)"
             )
         for pre in soft.get(name, []):

@@ -4,14 +4,14 @@ Steps and what each one's cache key covers:
 
 - ``kernel``: the kernel package and the board's module list → boot image and modules;
 - ``initramfs``: the kernel step, busybox and ``images/initramfs`` → ``initrd.img``;
-- ``rootfs``: the root filesystem packages, ``images/rootfs``, the ``updater`` package and
-  the board's device settings → the staged root filesystem directory;
-- ``disk``: all of the above, the boot script and the board's storage layout → ``emmc.img``.
+- ``rootfs``: the root filesystem packages, ``images/rootfs``, the ``updater``
+  package and the board's device settings → the staged root filesystem directory;
+- ``disk``: all of the above, the boot script and the board's storage layout
+  → ``emmc.img``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -58,11 +58,14 @@ def recipe_dir() -> Path:
         ConfigError: mbl-sim runs from an installation without its source tree.
     """
     explicit = os.environ.get("MBL_SIM_IMAGES_DIR")
-    path = Path(explicit) if explicit else Path(__file__).resolve().parents[2] / "images"
+    path = (
+        Path(explicit) if explicit else Path(__file__).resolve().parents[2] / "images"
+    )
     if not (path / "boot.cmd.in").is_file():
         raise ConfigError(
             f"image recipe not found at {path}; install mbl-sim from its source tree "
-            "with `pip install -e .`, or set MBL_SIM_IMAGES_DIR to its images/ directory"
+            "with `pip install -e .`, or set MBL_SIM_IMAGES_DIR to its images/ "
+            "directory"
         )
     return path
 
@@ -84,7 +87,8 @@ class DeviceImages:
 
 
 def _board_text(value: object) -> str:
-    return repr(dataclasses.asdict(value)) if dataclasses.is_dataclass(value) else repr(value)
+    # Board dataclasses are frozen and their repr lists every field in order.
+    return repr(value)
 
 
 class ImageBuilder:
@@ -146,7 +150,11 @@ class ImageBuilder:
 
     def _kernel_step(self) -> Path:
         deb = self._kernel_package()
-        key = StepKey("kernel").add_text(deb.name).add_text(repr(self.board.kernel.modules))
+        key = (
+            StepKey("kernel")
+            .add_text(deb.name)
+            .add_text(repr(self.board.kernel.modules))
+        )
 
         def build(output: Path) -> None:
             self.cache.report(f"kernel: unpacking {deb.name}")
@@ -177,7 +185,9 @@ class ImageBuilder:
             for directory in ("bin", "dev", "etc", "proc", "sys", "newroot"):
                 (root / directory).mkdir(parents=True)
             rootfs.unpack_packages([busybox.path], output / "busybox")
-            shutil.copy2(output / "busybox" / "bin" / "busybox", root / "bin" / "busybox")
+            shutil.copy2(
+                output / "busybox" / "bin" / "busybox", root / "bin" / "busybox"
+            )
             shutil.copytree(kernel_step / "modules" / "lib", root / "lib")
             shutil.copy2(kernel_step / "modules.load", root / "etc" / "modules")
             shutil.copy2(source / "init", root / "init")
@@ -194,7 +204,9 @@ class ImageBuilder:
         layout = self.board.storage.layout
         return {
             "board": self.board.name,
-            "slots": {slot: layout[name].device for slot, name in SLOT_PARTITIONS.items()},
+            "slots": {
+                slot: layout[name].device for slot, name in SLOT_PARTITIONS.items()
+            },
             "scratch_dir": "/scratch",
             "fw_env_config": "/etc/fw_env.config",
             "bootlimit": self.board.boot.bootlimit,
@@ -280,6 +292,7 @@ class ImageBuilder:
             "KERNEL_FILE": KERNEL_FILE,
             "INITRD_FILE": INITRD_FILE,
             "EXTRA_BOOTARGS": "",
+            "BOOTLIMIT": str(self.board.boot.bootlimit),
         }
 
     def render_boot_script(self) -> str:
@@ -291,7 +304,9 @@ class ImageBuilder:
         text = (self.recipe / "boot.cmd.in").read_text()
         for name, value in self.boot_script_values().items():
             text = text.replace(f"@{name}@", value)
-        if "@" in "".join(line for line in text.splitlines() if not line.startswith("#")):
+        if "@" in "".join(
+            line for line in text.splitlines() if not line.startswith("#")
+        ):
             raise BuildError(f"unfilled @VALUE@ left in {self.recipe / 'boot.cmd.in'}")
         return text
 
@@ -305,7 +320,9 @@ class ImageBuilder:
             "bootlimit": str(self.board.boot.bootlimit),
         }
 
-    def _disk_step(self, kernel_step: Path, initramfs_step: Path, rootfs_step: Path) -> Path:
+    def _disk_step(
+        self, kernel_step: Path, initramfs_step: Path, rootfs_step: Path
+    ) -> Path:
         script = self.render_boot_script()
         key = (
             StepKey("disk")
@@ -320,10 +337,24 @@ class ImageBuilder:
         def build(output: Path) -> None:
             (output / "boot.cmd").write_text(script)
             mkimage_arch = "arm64" if self.board.kernel.arch == "arm64" else "arm"
-            run([
-                "mkimage", "-A", mkimage_arch, "-O", "linux", "-T", "script", "-C", "none",
-                "-n", "mbl-sim boot policy", "-d", output / "boot.cmd", output / SCRIPT_FILE,
-            ])
+            run(
+                [
+                    "mkimage",
+                    "-A",
+                    mkimage_arch,
+                    "-O",
+                    "linux",
+                    "-T",
+                    "script",
+                    "-C",
+                    "none",
+                    "-n",
+                    "mbl-sim boot policy",
+                    "-d",
+                    output / "boot.cmd",
+                    output / SCRIPT_FILE,
+                ]
+            )
             images = self._partition_images(
                 kernel_step, initramfs_step, rootfs_step / "rootfs", output
             )

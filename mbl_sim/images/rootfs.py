@@ -1,9 +1,10 @@
 """The device's root filesystem and initramfs, staged from Debian packages without root.
 
 Packages are unpacked with ``dpkg-deb -x`` (no maintainer scripts run). busybox applet
-links are made from the applet list of the same busybox version built for the host, because
-the ARM binary cannot run here. Python is precompiled on the host, which must run the same
-minor version as the device (3.11), so the first import on the device does not compile.
+links are made from the applet list of the same busybox version built for the host,
+because the ARM binary cannot run here. Python is precompiled on the host, which must
+run the same minor version as the device (3.11), so the first import on the device does
+not compile.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def unpack_packages(debs: Iterable[Path], root: Path) -> None:
 def merge_usr(root: Path) -> None:
     """Make /bin, /sbin and /lib links into /usr, as Debian bookworm systems have them.
 
-    Packages still ship files under /lib and /usr/lib alike (libc6 has the dynamic loader
-    in /lib/aarch64-linux-gnu), so the trees are merged, not replaced.
+    Packages still ship files under /lib and /usr/lib alike (libc6 has the dynamic
+    loader in /lib/aarch64-linux-gnu), so the trees are merged, not replaced.
     """
     for name in ("bin", "sbin", "lib"):
         top = root / name
@@ -97,7 +98,9 @@ def busybox_applets(host_busybox_deb: Path, scratch: Path) -> list[str]:
     return [line.strip() for line in output.splitlines() if line.strip()]
 
 
-def link_applets(root: Path, applets: Sequence[str], busybox: str = "/bin/busybox") -> None:
+def link_applets(
+    root: Path, applets: Sequence[str], busybox: str = "/bin/busybox"
+) -> None:
     """Link each applet to busybox, leaving files that a package already installed."""
     for applet in applets:
         path = root / applet
@@ -116,23 +119,35 @@ def add_python(root: Path) -> None:
     """
     if sys.version_info[:2] != DEVICE_PYTHON:
         raise BuildError(
-            f"the host runs Python {sys.version_info[0]}.{sys.version_info[1]}, but the "
+            f"the host runs Python {sys.version_info[0]}.{sys.version_info[1]}, "
+            "but the "
             f"device runs {DEVICE_PYTHON[0]}.{DEVICE_PYTHON[1]}; build the images with "
             "Python 3.11 so that the bytecode matches"
         )
     python = root / "usr" / "bin" / "python3"
     if not python.exists():
         python.symlink_to("python3.11")
-    compile_python(root, [root / "usr" / "lib" / "python3.11", root / "usr" / "lib" / "python3"])
+    compile_python(
+        root, [root / "usr" / "lib" / "python3.11", root / "usr" / "lib" / "python3"]
+    )
 
 
 def compile_python(root: Path, directories: Sequence[Path]) -> None:
     present = [d for d in directories if d.is_dir()]
     run(
         [
-            sys.executable, "-m", "compileall", "-q", "-j", "0",
-            "--invalidation-mode", "unchecked-hash",
-            "-s", root, "-p", "/",
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-s",
+            root,
+            "-p",
+            "/",
             *present,
         ]
     )
@@ -141,7 +156,9 @@ def compile_python(root: Path, directories: Sequence[Path]) -> None:
 def install_updater(root: Path, source: Path) -> None:
     """Copy the ``updater`` package into the device's dist-packages."""
     target = root / "usr" / "lib" / "python3" / "dist-packages" / "updater"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
 
 
 def add_overlay(root: Path, overlay: Path) -> None:
@@ -168,7 +185,9 @@ def write_inittab(root: Path, console: str) -> None:
 def write_fstab(root: Path, entries: Sequence[MountEntry]) -> None:
     lines = ["# device mount-point type options dump pass"]
     for entry in entries:
-        lines.append(f"{entry.device} {entry.mount_point} {entry.fs_type} {entry.options} 0 0")
+        lines.append(
+            f"{entry.device} {entry.mount_point} {entry.fs_type} {entry.options} 0 0"
+        )
     (root / "etc" / "fstab").write_text("\n".join(lines) + "\n")
 
 
@@ -192,13 +211,18 @@ def write_version(root: Path, version: str) -> None:
 
 def strip_docs(root: Path) -> None:
     """Remove documentation, manual pages and locales that the device never reads."""
-    for relative in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-                     "usr/share/lintian"):
+    for relative in (
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/info",
+        "usr/share/locale",
+        "usr/share/lintian",
+    ):
         shutil.rmtree(root / relative, ignore_errors=True)
 
 
 def write_cpio(root: Path, output: Path) -> None:
-    """Write ``root`` as a gzip-compressed newc cpio archive, every entry owned by root."""
+    """Write ``root`` as a gzip-compressed newc cpio archive owned by root."""
     names = sorted(
         str(Path(directory, name).relative_to(root))
         for directory, dirnames, filenames in os.walk(root)
@@ -207,7 +231,10 @@ def write_cpio(root: Path, output: Path) -> None:
     listing = "\n".join([".", *names]).encode() + b"\n"
     result = subprocess.run(
         ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
-        cwd=root, input=listing, capture_output=True, check=False,
+        cwd=root,
+        input=listing,
+        capture_output=True,
+        check=False,
     )
     if result.returncode != 0:
         raise BuildError(

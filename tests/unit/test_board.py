@@ -413,8 +413,15 @@ ERROR_CASES = [
         set_key("boot.bootlimit", 0),
         "boot.bootlimit",
         0,
-        "an integer from 1 to 255",
+        "an integer from 1 to 9",
         id="bootlimit-zero",
+    ),
+    pytest.param(
+        set_key("boot.bootlimit", 10),
+        "boot.bootlimit",
+        10,
+        "an integer from 1 to 9",
+        id="bootlimit-two-digits",
     ),
     pytest.param(
         set_key("name", "Qemu_Virt"),

@@ -1,0 +1,834 @@
+"""Board files: one YAML file per emulated board, loaded into frozen dataclasses.
+
+A board file describes how QEMU runs the board, which firmware and kernel it
+boots, its serial console and the layout of its eMMC image. The files shipped
+with mbl-sim live in ``mbl_sim/boards/NAME.yaml``; ``load_board("NAME")`` finds
+them, and ``load_board(path)`` loads any other file.
+
+The file is validated completely on load. Every error is a ``BoardError`` that
+names the file, the key path (``storage.partitions[2].size``), the value seen
+and what the key accepts. Unknown keys are errors. Each key is documented at the
+line that parses it.
+
+Sizes and offsets are in bytes. They are written as an integer (decimal, or hex
+with ``0x``) or as a whole number with a binary unit: ``48M`` is 48 MiB.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from mbl_sim.errors import BoardError, ConfigError
+
+__all__ = [
+    "MBL_PARTITIONS",
+    "SECTOR_SIZE",
+    "Board",
+    "BootConfig",
+    "ConsoleConfig",
+    "EnvConfig",
+    "FirmwareConfig",
+    "HostRequirement",
+    "KernelConfig",
+    "Partition",
+    "PartitionLayout",
+    "QemuConfig",
+    "StorageConfig",
+    "board_names",
+    "check_host",
+    "host_requirements",
+    "load_board",
+    "parse_board",
+]
+
+DEFAULT_BOARD = "qemu-virt-a53"
+
+SECTOR_SIZE = 512
+
+# GPT on 512-byte sectors: the protective MBR, the header and 32 sectors holding
+# 128 partition entries of 128 bytes each. The backup GPT at the end of the disk
+# is the same without the MBR.
+GPT_SECTORS = 34
+BACKUP_GPT_SECTORS = 33
+
+PARTITION_ALIGNMENT = 1 << 20
+"""Every partition starts and ends on a 1 MiB boundary, as fdisk and sfdisk
+align by default."""
+
+MBL_PARTITIONS = (
+    "boot",
+    "rootfs1",
+    "rootfs2",
+    "factory_config",
+    "config",
+    "log",
+    "scratch",
+    "home",
+)
+"""Partition names of the Mbed Linux OS layout. Every board has each of them once."""
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE_PATTERN = re.compile(r"(?P<number>[0-9]+)(?P<unit>[KMG]?)")
+_HEX_PATTERN = re.compile(r"0x[0-9a-fA-F]+")
+_SIZE_ALLOWED = (
+    "a size in bytes: an integer (decimal or 0x hex) or a whole number with "
+    "the binary unit K, M or G, for example 48M"
+)
+
+_BOARD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# Debian package names: lower-case letters, digits, "+", "-" and ".", starting
+# with a letter or digit, at least two characters.
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_PROGRAM = re.compile(r"[A-Za-z0-9_./+-]+")
+_TTY = re.compile(r"tty[A-Za-z]+[0-9]+")
+_DISK = re.compile(r"/dev/[a-z][a-z0-9]*")
+_MODULE = re.compile(r"[A-Za-z0-9_-]+")
+_PARTITION_NAME = re.compile(r"[a-z][a-z0-9_]{0,35}")  # GPT names: 36 UTF-16 units
+
+_BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600, 1500000)
+
+# Debian architecture → the kernel image format its kernel packages ship, which
+# decides the U-Boot command that starts it (booti for Image, bootz for zImage).
+_KERNEL_IMAGE_TYPES = {"arm64": "Image", "armhf": "zImage"}
+_BOOT_COMMANDS = {"Image": "booti", "zImage": "bootz"}
+
+
+# --------------------------------------------------------------------------
+# The typed board
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """QEMU settings of a board: program, machine type, CPU and memory."""
+
+    binary: str
+    package: str
+    machine: str
+    cpu: str
+    memory: int
+    """Guest RAM in bytes, a whole number of MiB."""
+    smp: int
+    extra_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FirmwareConfig:
+    """The boot firmware QEMU loads with ``-bios``."""
+
+    kind: str
+    package: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The Debian kernel the device boots."""
+
+    package: str
+    arch: str
+    image_type: str
+    modules: tuple[str, ...]
+
+    @property
+    def boot_command(self) -> str:
+        """U-Boot command that starts this kernel image (``booti``, ``bootz``)."""
+        return _BOOT_COMMANDS[self.image_type]
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The guest's serial console."""
+
+    device: str
+    baud: int
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The two redundant copies of the U-Boot environment, in raw disk bytes."""
+
+    offsets: tuple[int, int]
+    size: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One GPT partition of the disk image, with its place in bytes."""
+
+    number: int
+    """GPT entry number, from 1; also the suffix of the guest device name."""
+    name: str
+    fs: str
+    start: int
+    size: int
+    device: str
+    """Device name in the guest, for example ``/dev/vda2``."""
+
+    @property
+    def end(self) -> int:
+        """Offset of the first byte after the partition."""
+        return self.start + self.size
+
+    @property
+    def start_sector(self) -> int:
+        """First sector of the partition."""
+        return self.start // SECTOR_SIZE
+
+    @property
+    def size_sectors(self) -> int:
+        """Length of the partition in sectors."""
+        return self.size // SECTOR_SIZE
+
+    @property
+    def last_sector(self) -> int:
+        """Last sector of the partition (inclusive, as GPT stores it)."""
+        return self.start_sector + self.size_sectors - 1
+
+
+@dataclass(frozen=True)
+class PartitionLayout:
+    """Partitions of the disk image in GPT order, packed from the first offset."""
+
+    disk_size: int
+    partitions: tuple[Partition, ...]
+
+    def __iter__(self) -> Iterator[Partition]:
+        return iter(self.partitions)
+
+    def __len__(self) -> int:
+        return len(self.partitions)
+
+    def __getitem__(self, name: str) -> Partition:
+        """Return the partition called ``name``.
+
+        Raises:
+            KeyError: no partition has that name.
+        """
+        for partition in self.partitions:
+            if partition.name == name:
+                return partition
+        names = ", ".join(p.name for p in self.partitions)
+        raise KeyError(f"no partition named {name!r}; partitions: {names}")
+
+    @property
+    def disk_sectors(self) -> int:
+        """Length of the disk in sectors."""
+        return self.disk_size // SECTOR_SIZE
+
+    @property
+    def last_usable_byte(self) -> int:
+        """Offset of the last byte a partition may use, before the backup GPT."""
+        return self.disk_size - BACKUP_GPT_SECTORS * SECTOR_SIZE - 1
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The emulated eMMC: how QEMU attaches it and how it is partitioned."""
+
+    interface: str
+    guest_disk: str
+    partition_prefix: str
+    size: int
+    first_partition_offset: int
+    env: EnvConfig
+    layout: PartitionLayout
+
+    def device(self, number: int) -> str:
+        """Return the guest device name of partition ``number``."""
+        return f"{self.guest_disk}{self.partition_prefix}{number}"
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """The boot policy's settings."""
+
+    bootlimit: int
+
+
+@dataclass(frozen=True)
+class Board:
+    """One emulated board, as its board file describes it."""
+
+    name: str
+    description: str
+    source: str
+    """The file the board was loaded from."""
+    qemu: QemuConfig
+    firmware: FirmwareConfig
+    kernel: KernelConfig
+    console: ConsoleConfig
+    storage: StorageConfig
+    boot: BootConfig
+
+
+# --------------------------------------------------------------------------
+# Reading YAML values with their key paths
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, which would hide a
+    typo in a board file.
+    """
+
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (line {line})",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A value from the board file with the key path that reached it."""
+
+    file: str
+    path: str
+    value: object
+
+    def fail(self, allowed: str, problem: str | None = None) -> NoReturn:
+        raise BoardError(self.file, self.path, self.value, allowed, problem=problem)
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+
+class _Mapping:
+    """A YAML mapping whose keys are checked against the ones allowed."""
+
+    def __init__(self, node: _Node, keys: Sequence[str]) -> None:
+        self._node = node
+        self._keys = keys
+        allowed = "a mapping with the keys " + ", ".join(keys)
+        if not isinstance(node.value, dict):
+            node.fail(allowed)
+        self._values: dict[object, object] = node.value
+        for key in self._values:
+            if key not in keys:
+                self._reject_unknown(key)
+
+    def _reject_unknown(self, key: object) -> NoReturn:
+        hint = ""
+        if isinstance(key, str):
+            close = difflib.get_close_matches(key, self._keys, n=1)
+            if close:
+                hint = f" (did you mean {close[0]!r}?)"
+        problem = f"unknown key {key!r}{hint}"
+        unknown = _Node(self._node.file, self._node.at(str(key)), key)
+        unknown.fail("one of the keys " + ", ".join(self._keys), problem)
+
+    def get(self, key: str) -> _Node:
+        """Return the value of a required key."""
+        assert key in self._keys, key
+        path = self._node.at(key)
+        if key not in self._values:
+            _Node(self._node.file, path, None).fail(
+                "this key, which is required", problem="missing key"
+            )
+        return _Node(self._node.file, path, self._values[key])
+
+    def optional(self, key: str) -> _Node | None:
+        """Return the value of an optional key, or None when it is absent."""
+        assert key in self._keys, key
+        if key not in self._values:
+            return None
+        return _Node(self._node.file, self._node.at(key), self._values[key])
+
+
+def _string(
+    node: _Node, pattern: re.Pattern[str] | None = None, expected: str = ""
+) -> str:
+    allowed = expected or "a string"
+    if not isinstance(node.value, str) or not node.value:
+        node.fail(allowed)
+    if pattern is not None and not pattern.fullmatch(node.value):
+        node.fail(allowed)
+    return node.value
+
+
+def _choice(node: _Node, choices: Sequence[object]) -> Any:
+    if isinstance(node.value, bool) or node.value not in choices:
+        node.fail("one of " + ", ".join(repr(c) for c in choices))
+    return node.value
+
+
+def _integer(node: _Node, minimum: int, maximum: int | None = None) -> int:
+    if maximum is None:
+        allowed = f"an integer of at least {minimum}"
+    else:
+        allowed = f"an integer from {minimum} to {maximum}"
+    value = node.value
+    # YAML reads yes/no/true/false as booleans, and bool is a subclass of int.
+    if isinstance(value, bool) or not isinstance(value, int):
+        node.fail(allowed)
+    if value < minimum or (maximum is not None and value > maximum):
+        node.fail(allowed)
+    return value
+
+
+def _size(node: _Node, minimum: int = 1, multiple: int = 1, expected: str = "") -> int:
+    """Parse a size or offset in bytes; see the module docstring for the forms."""
+    allowed = _SIZE_ALLOWED
+    if expected:
+        allowed += ", " + expected
+    value = node.value
+    if isinstance(value, bool):
+        node.fail(allowed)
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and _HEX_PATTERN.fullmatch(value):
+        size = int(value, 16)
+    elif isinstance(value, str) and (match := _SIZE_PATTERN.fullmatch(value)):
+        size = int(match["number"]) * _UNITS[match["unit"]]
+    else:
+        node.fail(allowed)
+    if size < minimum or size % multiple:
+        node.fail(allowed)
+    return size
+
+
+def _list(node: _Node, items: str) -> list[_Node]:
+    if not isinstance(node.value, list):
+        node.fail(f"a list of {items}")
+    return [
+        _Node(node.file, f"{node.path}[{index}]", item)
+        for index, item in enumerate(node.value)
+    ]
+
+
+def _format_size(size: int) -> str:
+    for unit in ("G", "M", "K"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+# --------------------------------------------------------------------------
+# The sections of a board file
+
+
+def _parse_qemu(node: _Node) -> QemuConfig:
+    section = _Mapping(
+        node, ("binary", "package", "machine", "cpu", "memory", "smp", "extra_args")
+    )
+    # More QEMU arguments, appended verbatim to the command line. Optional.
+    extra_args_node = section.optional("extra_args")
+    extra_args: tuple[str, ...] = ()
+    if extra_args_node is not None:
+        extra_args = tuple(_string(item) for item in _list(extra_args_node, "strings"))
+    return QemuConfig(
+        # QEMU program, a name looked up on PATH or an absolute path.
+        binary=_string(section.get("binary"), _PROGRAM, "a program name or path"),
+        # Debian package that provides the binary, named when it is missing.
+        package=_string(section.get("package"), _PACKAGE_NAME, "a Debian package name"),
+        # Machine type and its options, passed to -M (virt, virt,highmem=off).
+        machine=_string(section.get("machine")),
+        # CPU model, passed to -cpu.
+        cpu=_string(section.get("cpu")),
+        # Guest RAM, passed to -m, in whole MiB.
+        memory=_size(
+            section.get("memory"),
+            minimum=16 << 20,
+            multiple=1 << 20,
+            expected="a whole number of MiB, at least 16M",
+        ),
+        # Number of virtual CPUs, passed to -smp.
+        smp=_integer(section.get("smp"), 1),
+        extra_args=extra_args,
+    )
+
+
+def _parse_firmware(node: _Node) -> FirmwareConfig:
+    section = _Mapping(node, ("kind", "package", "path"))
+    path = section.get("path")
+    # The firmware QEMU boots: only U-Boot, which runs the MBL boot script.
+    kind = _choice(section.get("kind"), ("u-boot",))
+    # Debian package that provides the firmware file, named when it is missing.
+    package = _string(section.get("package"), _PACKAGE_NAME, "a Debian package name")
+    # Firmware image on the host, passed to -bios. Its existence is checked by
+    # check_host(), not here, so that boards load on hosts that only build images.
+    path_text = _string(path, expected="an absolute path")
+    if not path_text.startswith("/"):
+        path.fail("an absolute path")
+    return FirmwareConfig(kind=kind, package=package, path=Path(path_text))
+
+
+def _parse_kernel(node: _Node) -> KernelConfig:
+    section = _Mapping(node, ("package", "arch", "image_type", "modules"))
+    # Debian metapackage of the kernel (linux-image-arm64). The image build
+    # resolves it to the versioned package that is current at build time.
+    package = _string(section.get("package"), _PACKAGE_NAME, "a Debian package name")
+    # Debian architecture of the kernel and the userland.
+    arch = _choice(section.get("arch"), tuple(_KERNEL_IMAGE_TYPES))
+    # Format of the kernel image: Image (arm64, started with booti) or zImage
+    # (armhf, started with bootz). It must be the one the architecture ships.
+    image_type_node = section.get("image_type")
+    image_type = _choice(image_type_node, tuple(_BOOT_COMMANDS))
+    if image_type != _KERNEL_IMAGE_TYPES[arch]:
+        image_type_node.fail(
+            f"{_KERNEL_IMAGE_TYPES[arch]!r}, the image of {arch} kernels"
+        )
+    # Kernel modules the initramfs loads before mounting the root filesystem, in
+    # this order (storage, filesystems, charsets).
+    modules = tuple(
+        _string(item, _MODULE, "a kernel module name")
+        for item in _list(section.get("modules"), "kernel module names")
+    )
+    return KernelConfig(
+        package=package, arch=arch, image_type=image_type, modules=modules
+    )
+
+
+def _parse_console(node: _Node) -> ConsoleConfig:
+    section = _Mapping(node, ("device", "baud"))
+    return ConsoleConfig(
+        # The guest's name of the serial console (console= on the command line).
+        device=_string(section.get("device"), _TTY, "a tty name such as ttyAMA0"),
+        # Its baud rate, for console= on the kernel command line. QEMU ignores it.
+        baud=_choice(section.get("baud"), _BAUD_RATES),
+    )
+
+
+def _parse_boot(node: _Node) -> BootConfig:
+    section = _Mapping(node, ("bootlimit",))
+    # Boots allowed on trial after an update before the boot script rolls back. At most
+    # 9, because U-Boot's setexpr and itest count in hexadecimal and the environment
+    # stores bootcount as the decimal digit the updater reads.
+    return BootConfig(bootlimit=_integer(section.get("bootlimit"), 1, 9))
+
+
+@dataclass(frozen=True)
+class _PartitionEntry:
+    name: str
+    size: int
+    fs: str
+    size_node: _Node
+
+
+def _parse_partition(node: _Node) -> _PartitionEntry:
+    entry = _Mapping(node, ("name", "size", "fs"))
+    size_node = entry.get("size")
+    return _PartitionEntry(
+        name=_string(entry.get("name"), _PARTITION_NAME, "a GPT partition name"),
+        size=_size(
+            size_node,
+            multiple=PARTITION_ALIGNMENT,
+            expected="a whole number of MiB, at least 1M",
+        ),
+        fs=_choice(entry.get("fs"), ("vfat", "ext4")),
+        size_node=size_node,
+    )
+
+
+def _check_partition_names(node: _Node, entries: list[_PartitionEntry]) -> None:
+    names = [entry.name for entry in entries]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            _Node(node.file, f"{node.path}[{index}].name", name).fail(
+                "each partition name once", problem=f"duplicate partition {name!r}"
+            )
+    missing = [name for name in MBL_PARTITIONS if name not in names]
+    if missing:
+        node.fail(
+            "partitions named " + ", ".join(MBL_PARTITIONS),
+            problem="missing partition " + ", ".join(repr(m) for m in missing),
+        )
+
+
+def _pack_partitions(
+    entries: list[_PartitionEntry], first_offset: int, disk_size: int, device: str
+) -> PartitionLayout:
+    """Place the partitions one after the other from ``first_offset``.
+
+    ``device`` is the guest's name of the disk followed by the partition prefix.
+    """
+    last_usable = disk_size - BACKUP_GPT_SECTORS * SECTOR_SIZE - 1
+    partitions: list[Partition] = []
+    start = first_offset
+    for number, entry in enumerate(entries, 1):
+        if start + entry.size - 1 > last_usable:
+            entry.size_node.fail(
+                f"at most {last_usable + 1 - start} bytes, so that the partition ends "
+                f"before the backup GPT (last {BACKUP_GPT_SECTORS} sectors) of the "
+                f"{_format_size(disk_size)} disk",
+                problem=f"partition {entry.name!r} of {entry.size} bytes "
+                f"({entry.size_node.value!r}) does not fit at offset {start}",
+            )
+        partition = Partition(
+            number, entry.name, entry.fs, start, entry.size, f"{device}{number}"
+        )
+        partitions.append(partition)
+        start += entry.size
+    return PartitionLayout(disk_size, tuple(partitions))
+
+
+def _parse_env(node: _Node, first_partition_offset: int) -> EnvConfig:
+    section = _Mapping(node, ("offsets", "size"))
+    # Size of each copy: a CRC32 (4 bytes), a flag byte, then the variables.
+    # Whole sectors, because the boot script reads it with `virtio read`.
+    size = _size(
+        section.get("size"),
+        minimum=SECTOR_SIZE,
+        multiple=SECTOR_SIZE,
+        expected=f"a positive multiple of {SECTOR_SIZE}",
+    )
+
+    # Byte offsets of the two copies on the disk. Both lie between the primary
+    # GPT (the first 34 sectors) and the first partition, on sector boundaries,
+    # and do not overlap each other.
+    offsets_node = section.get("offsets")
+    items = _list(offsets_node, "two offsets")
+    if len(items) != 2:
+        offsets_node.fail("a list of exactly two offsets, one per copy")
+
+    gpt_end = GPT_SECTORS * SECTOR_SIZE
+    offsets = [
+        _size(
+            item,
+            minimum=0,
+            multiple=SECTOR_SIZE,
+            expected=f"a multiple of {SECTOR_SIZE}",
+        )
+        for item in items
+    ]
+
+    for item, offset in zip(items, offsets, strict=True):
+        if offset < gpt_end or offset + size > first_partition_offset:
+            item.fail(
+                f"an offset from {gpt_end} (after the primary GPT) to "
+                f"{first_partition_offset - size} (so that the {size}-byte copy "
+                f"ends before the first partition at {first_partition_offset})"
+            )
+
+    low, high = sorted(offsets)
+    if high < low + size:
+        items[1].fail(
+            f"an offset at least {size} bytes away from the other copy at "
+            f"{offsets[0]}, so that the copies do not overlap",
+        )
+    return EnvConfig(offsets=(offsets[0], offsets[1]), size=size)
+
+
+def _parse_storage(node: _Node) -> StorageConfig:
+    section = _Mapping(
+        node,
+        (
+            "interface",
+            "guest_disk",
+            "partition_prefix",
+            "size",
+            "env",
+            "partitions",
+            "first_partition_offset",
+        ),
+    )
+
+    # How QEMU attaches the disk image: virtio (virtio-blk-pci).
+    interface = _choice(section.get("interface"), ("virtio",))
+    # The guest's name of the whole disk.
+    guest_disk = _string(section.get("guest_disk"), _DISK, "a device such as /dev/vda")
+    # Text between the disk name and the partition number: "" for /dev/vda2,
+    # "p" for /dev/mmcblk0p2.
+    prefix = _choice(section.get("partition_prefix"), ("", "p"))
+
+    # Size of the whole disk image, in whole sectors.
+    size = _size(
+        section.get("size"),
+        minimum=PARTITION_ALIGNMENT,
+        multiple=SECTOR_SIZE,
+        expected=f"a multiple of {SECTOR_SIZE}, at least 1M",
+    )
+
+    # Partitions in GPT order (partition 1 first), each {name, size, fs}, packed
+    # one after the other from first_partition_offset (a whole number of MiB).
+    # Sizes are whole MiB, so every partition is 1 MiB aligned. The names of
+    # MBL_PARTITIONS must each appear once, and more partitions are allowed.
+    # fs is vfat or ext4.
+    first_offset = _size(
+        section.get("first_partition_offset"),
+        minimum=PARTITION_ALIGNMENT,
+        multiple=PARTITION_ALIGNMENT,
+        expected="a whole number of MiB, at least 1M",
+    )
+    partitions_node = section.get("partitions")
+    entries = [_parse_partition(item) for item in _list(partitions_node, "partitions")]
+    _check_partition_names(partitions_node, entries)
+    layout = _pack_partitions(entries, first_offset, size, guest_disk + prefix)
+
+    # The redundant U-Boot environment, see _parse_env.
+    env = _parse_env(section.get("env"), first_offset)
+
+    return StorageConfig(
+        interface=interface,
+        guest_disk=guest_disk,
+        partition_prefix=prefix,
+        size=size,
+        first_partition_offset=first_offset,
+        env=env,
+        layout=layout,
+    )
+
+
+def _parse_root(node: _Node, stem: str) -> Board:
+    root = _Mapping(
+        node,
+        (
+            "name",
+            "description",
+            "qemu",
+            "firmware",
+            "kernel",
+            "console",
+            "storage",
+            "boot",
+        ),
+    )
+    # The board's name, which is also the file's name without .yaml.
+    name_node = root.get("name")
+    name = _string(name_node, _BOARD_NAME, "lower-case letters, digits and '-'")
+    if name != stem:
+        name_node.fail(f"{stem!r}, the file's name without .yaml")
+    description = root.optional("description")
+    return Board(
+        name=name,
+        # One line for humans. Optional.
+        description="" if description is None else _string(description),
+        source=node.file,
+        qemu=_parse_qemu(root.get("qemu")),
+        firmware=_parse_firmware(root.get("firmware")),
+        kernel=_parse_kernel(root.get("kernel")),
+        console=_parse_console(root.get("console")),
+        storage=_parse_storage(root.get("storage")),
+        boot=_parse_boot(root.get("boot")),
+    )
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def parse_board(text: str, source: str) -> Board:
+    """Parse and validate the YAML text of a board file.
+
+    ``source`` is the file's path: errors name it, and the board's ``name`` must
+    equal its name without ``.yaml``.
+
+    Raises:
+        BoardError: the text is not valid YAML or not a valid board.
+    """
+    try:
+        data = yaml.load(text, Loader=_DuplicateKeyLoader)
+    except yaml.YAMLError as error:
+        raise BoardError(
+            source, "", None, "a YAML mapping", problem=f"invalid YAML: {error}"
+        ) from error
+    stem = Path(source).name.removesuffix(".yaml").removesuffix(".yml")
+    return _parse_root(_Node(source, "", data), stem)
+
+
+def _boards_dir() -> Path:
+    return Path(str(resources.files("mbl_sim").joinpath("boards")))
+
+
+def board_names() -> list[str]:
+    """Return the names of the boards shipped in ``mbl_sim/boards``, sorted."""
+    return sorted(path.stem for path in _boards_dir().glob("*.yaml"))
+
+
+def load_board(name_or_path: str | Path = DEFAULT_BOARD) -> Board:
+    """Load a board by name (``qemu-virt-a53``) or from a file path.
+
+    A ``Path``, or a string with a ``/`` or ending in ``.yaml``, is a path; any
+    other string names a board in ``mbl_sim/boards``.
+
+    Raises:
+        ConfigError: the name or file is not found.
+        BoardError: the file is not a valid board.
+    """
+    text_form = str(name_or_path)
+    is_path = isinstance(name_or_path, Path) or "/" in text_form
+    if is_path or text_form.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+    else:
+        path = _boards_dir() / f"{text_form}.yaml"
+        if not path.is_file():
+            available = ", ".join(board_names()) or "none"
+            raise ConfigError(
+                f"unknown board {text_form!r}; available boards: {available}"
+            )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read board file {path}: {error}") from error
+    return parse_board(text, str(path))
+
+
+# --------------------------------------------------------------------------
+# Host checks
+
+
+@dataclass(frozen=True)
+class HostRequirement:
+    """A program or file that running the board needs on the host."""
+
+    purpose: str
+    path: str
+    """An absolute file path, or a program name looked up on PATH."""
+    package: str
+    """The Debian package that provides it."""
+
+    def is_present(self) -> bool:
+        """Return whether the program is on PATH or the file exists."""
+        if self.path.startswith("/"):
+            return Path(self.path).is_file()
+        return shutil.which(self.path) is not None
+
+
+def host_requirements(board: Board) -> tuple[HostRequirement, ...]:
+    """Return the host programs and files that booting ``board`` needs."""
+    return (
+        HostRequirement("QEMU", board.qemu.binary, board.qemu.package),
+        HostRequirement("firmware", str(board.firmware.path), board.firmware.package),
+        # Each machine runs its disks on qcow2 overlays made with qemu-img.
+        HostRequirement("disk overlays", "qemu-img", "qemu-utils"),
+    )
+
+
+def check_host(board: Board) -> None:
+    """Check that the host has every program and file that booting ``board`` needs.
+
+    Raises:
+        ConfigError: something is missing; the message lists each missing item
+            with its Debian package and the ``apt-get install`` line for all.
+    """
+    missing = [req for req in host_requirements(board) if not req.is_present()]
+    if not missing:
+        return
+    lines = [f"  {req.purpose}: {req.path} (package {req.package})" for req in missing]
+    packages = " ".join(sorted({req.package for req in missing}))
+    raise ConfigError(
+        f"board {board.name!r} needs programs or files that are missing on this host:\n"
+        + "\n".join(lines)
+        + f"\ninstall them with: apt-get install --no-install-recommends {packages}"
+    )

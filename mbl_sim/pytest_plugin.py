@@ -1,0 +1,188 @@
+"""pytest plugin: boards, built images, devices and payloads as fixtures.
+
+Options:
+    --board NAME_OR_PATH   board to run on; repeat to run every board-using test on each
+                           (default qemu-virt-a53)
+    --keep-devices WHICH   keep each test's device directory (overlays, console
+                           transcript, QEMU stderr): all, failed (default) or none
+    --devices-dir DIR      where device directories go (default: pytest's basetemp)
+
+Fixtures:
+    board          the Board of the current parametrisation
+    device_images  the built images of ``board`` (built once, shared by workers)
+    device         a Device booted to its shell, powered off after the test
+    device_factory make more devices, or devices left powered off
+    rootfs_payload build (or reuse) a root filesystem payload with a change
+
+Tests that boot QEMU carry the ``qemu`` marker. They are skipped, with the reason,
+when the host lacks QEMU or the board's firmware.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mbl_sim.board import DEFAULT_BOARD, Board, check_host, load_board
+from mbl_sim.device import Device
+from mbl_sim.errors import ConfigError, MblSimError
+from mbl_sim.images.cache import default_cache_dir
+from mbl_sim.images.recipe import DeviceImages, ImageBuilder
+from mbl_sim.payloads import RootfsChange, cached_rootfs_payload
+
+_FAILED_KEY = pytest.StashKey[bool]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mbl-sim")
+    group.addoption(
+        "--board",
+        action="append",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="board to run device tests on; repeat for several "
+        f"(default {DEFAULT_BOARD})",
+    )
+    group.addoption(
+        "--keep-devices",
+        choices=("all", "failed", "none"),
+        default="failed",
+        help="keep each test's device directory: all, failed (default) or none",
+    )
+    group.addoption(
+        "--devices-dir",
+        default=None,
+        metavar="DIR",
+        help="directory for device directories (default: pytest's basetemp)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qemu: boots real QEMU guests (integration)")
+
+
+def _boards(config: pytest.Config) -> list[Board]:
+    names = config.getoption("--board") or [DEFAULT_BOARD]
+    return [load_board(name) for name in names]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "board" in metafunc.fixturenames:
+        boards = _boards(metafunc.config)
+        metafunc.parametrize(
+            "board", boards, ids=[b.name for b in boards], scope="session"
+        )
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Skip ``qemu`` tests of a board whose host programs or firmware are missing."""
+    missing: dict[str, str] = {}
+    for board in _boards(config):
+        try:
+            check_host(board)
+        except ConfigError as error:
+            missing[board.name] = str(error)
+    for item in items:
+        if item.get_closest_marker("qemu") is None:
+            continue
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("board") if callspec else None
+        names = [param.name] if isinstance(param, Board) else list(missing)
+        for name in names:
+            if name in missing:
+                reason = f"host cannot run board {name}: {missing[name]}"
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        item.stash[_FAILED_KEY] = True
+    return report
+
+
+@pytest.fixture(scope="session")
+def device_images(board: Board) -> DeviceImages:
+    """Build (or reuse) the images of ``board``."""
+    return ImageBuilder(board).build()
+
+
+def _device_root(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    option = request.config.getoption("--devices-dir")
+    root = Path(option) if option else tmp_path_factory.getbasetemp() / "devices"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-120:]
+    return root / name
+
+
+@pytest.fixture
+def device_factory(
+    request: pytest.FixtureRequest,
+    device_images: DeviceImages,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Device]]:
+    """Return ``make(name="device", power_on=True) -> Device``; every device made is
+    powered off after the test, and its directory kept as --keep-devices says."""
+    root = _device_root(request, tmp_path_factory)
+    made: list[Device] = []
+
+    def make(name: str = "device", *, power_on: bool = True) -> Device:
+        device = Device(device_images, root / name, name=name)
+        made.append(device)
+        if power_on:
+            device.power_on()
+        return device
+
+    try:
+        yield make
+    finally:
+        for device in made:
+            try:
+                device.close()
+            except MblSimError as error:
+                request.node.warn(
+                    pytest.PytestWarning(f"closing {device.name}: {error}")
+                )
+        failed = request.node.stash.get(_FAILED_KEY, False)
+        keep = request.config.getoption("--keep-devices")
+        if keep == "none" or (keep == "failed" and not failed):
+            shutil.rmtree(root, ignore_errors=True)
+        elif made:
+            for device in made:
+                request.node.add_report_section(
+                    "teardown", f"device {device.name}", f"kept in {device.workdir}"
+                )
+
+
+@pytest.fixture
+def device(device_factory: Callable[..., Device]) -> Device:
+    """A device booted to its shell on the factory slot."""
+    return device_factory()
+
+
+@pytest.fixture
+def rootfs_payload(device_images: DeviceImages) -> Callable[..., Path]:
+    """Return ``build(version=None, files=None, remove=(), modes=None) -> Path``: a
+    root filesystem payload of the device's own root filesystem with those changes."""
+
+    def build(
+        version: str | None = None,
+        files: dict[str, bytes] | None = None,
+        remove: tuple[str, ...] = (),
+        modes: dict[str, int] | None = None,
+    ) -> Path:
+        change = RootfsChange(
+            version=version, files=files or {}, modes=modes or {}, remove=remove
+        )
+        return cached_rootfs_payload(device_images.rootfs, default_cache_dir(), change)
+
+    return build

@@ -1,0 +1,220 @@
+"""A/B slot state on top of the U-Boot environment.
+
+The boot script passes ``mbl.slot=a|b`` on the kernel command line, so the running slot
+is read from /proc/cmdline. The environment variables of the boot policy are
+``active_slot``, ``previous_slot``, ``upgrade_available``, ``bootcount`` and
+``bootlimit`` (see docs/design.md). Every change to them is one environment write,
+so a power cut leaves either the old or the new set of values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from updater.bootenv import BootEnv, EnvLocation, read_env, update_env
+from updater.config import SLOT_NAMES
+from updater.errors import SlotError
+
+log = logging.getLogger(__name__)
+
+PROC_CMDLINE = "/proc/cmdline"
+CMDLINE_SLOT_KEY = "mbl.slot"
+
+ACTIVE_SLOT = "active_slot"
+PREVIOUS_SLOT = "previous_slot"
+UPGRADE_AVAILABLE = "upgrade_available"
+BOOTCOUNT = "bootcount"
+BOOTLIMIT = "bootlimit"
+ROLLED_BACK_FROM = "rolled_back_from"
+
+FILESYSTEM_LABELS = {"a": "rootfs1", "b": "rootfs2"}
+"""ext4 label of each slot's filesystem: the slot's partition name in the GPT."""
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """Summary for ``mbl-update status``.
+
+    Environment values are the raw strings, or None when the variable is not set.
+
+    Attributes:
+        running_slot: slot named by ``mbl.slot`` on the kernel command line, or None.
+        active_slot: slot the boot script boots next.
+        previous_slot: slot to roll back to.
+        upgrade_available: ``1`` while a freshly installed slot is on trial.
+        bootcount: boots since the trial began.
+        bootlimit: boots allowed on trial.
+        rolled_back_from: slot that the boot script abandoned because it did not
+            confirm within ``bootlimit`` boots; cleared by the next update.
+        env_copy: number (1 or 2) of the current environment copy.
+        env_location: where the current copy is stored.
+        env_flag: flag byte of the current copy.
+        other_copy_error: why the other copy is invalid, or None if it is valid.
+        environment: all variables of the current copy.
+    """
+
+    running_slot: str | None
+    active_slot: str | None
+    previous_slot: str | None
+    upgrade_available: str | None
+    bootcount: str | None
+    bootlimit: str | None
+    rolled_back_from: str | None
+    env_copy: int
+    env_location: EnvLocation
+    env_flag: int
+    other_copy_error: str | None
+    environment: dict[str, str]
+
+
+def parse_running_slot(cmdline: str, source: str = PROC_CMDLINE) -> str:
+    """Return the slot of ``mbl.slot=`` in a kernel command line.
+
+    The last occurrence wins, as for kernel parameters handled by init.
+
+    Raises:
+        SlotError: the parameter is missing or its value is not ``a`` or ``b``.
+    """
+    values = [
+        word.partition("=")[2]
+        for word in cmdline.split()
+        if word.partition("=")[0] == CMDLINE_SLOT_KEY
+    ]
+    if not values:
+        raise SlotError(
+            f"{source} has no {CMDLINE_SLOT_KEY}= parameter, so the running slot is"
+            " unknown; the boot script must pass mbl.slot=a or mbl.slot=b"
+        )
+    slot = values[-1]
+    _check_slot(slot, f"{CMDLINE_SLOT_KEY} in {source}")
+    return slot
+
+
+def read_running_slot(path: str = PROC_CMDLINE) -> str:
+    """Read the running slot from the kernel command line file ``path``.
+
+    Raises:
+        SlotError: the file cannot be read, or as `parse_running_slot`.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            cmdline = file.read()
+    except OSError as exc:
+        raise SlotError(f"cannot read the kernel command line {path}: {exc}") from exc
+    return parse_running_slot(cmdline, path)
+
+
+def other_slot(slot: str) -> str:
+    """Return the slot that is not ``slot``.
+
+    Raises:
+        SlotError: ``slot`` is not ``a`` or ``b``.
+    """
+    _check_slot(slot, "slot")
+    return SLOT_NAMES[1 - SLOT_NAMES.index(slot)]
+
+
+def flip_to(locations: Sequence[EnvLocation], slot: str, previous: str) -> BootEnv:
+    """Make ``slot`` the active slot on trial, with ``previous`` as the fallback.
+
+    Sets ``active_slot``, ``previous_slot``, ``upgrade_available=1`` and
+    ``bootcount=0`` in one environment write and keeps all other variables.
+
+    Raises:
+        SlotError: a slot is not ``a`` or ``b``, or both are the same.
+        BootEnvCorruptError: both environment copies are invalid; nothing is written.
+        BootEnvError: the write failed.
+    """
+    _check_slot(slot, "new active slot")
+    _check_slot(previous, "previous slot")
+    if slot == previous:
+        raise SlotError(
+            f"cannot switch to slot {slot!r}: it is also the previous slot; the new"
+            " root filesystem must be in the slot that is not running"
+        )
+    env = update_env(
+        locations,
+        {
+            ACTIVE_SLOT: slot,
+            PREVIOUS_SLOT: previous,
+            UPGRADE_AVAILABLE: "1",
+            BOOTCOUNT: "0",
+            ROLLED_BACK_FROM: None,
+        },
+    )
+    log.info("active slot is now %s (previous %s, on trial)", slot, previous)
+    return env
+
+
+def mark_good(locations: Sequence[EnvLocation], running_slot: str) -> BootEnv:
+    """End the trial of the running slot: set ``upgrade_available=0``, ``bootcount=0``.
+
+    Both go out in one write. Nothing is written when both already have these
+    values, to spare the storage.
+
+    Raises:
+        SlotError: ``running_slot`` is not the environment's ``active_slot``. Marking
+            then would confirm a slot that has not booted, for example after an
+            install without a reboot, and remove the rollback for it.
+        BootEnvCorruptError: both environment copies are invalid; nothing is written.
+        BootEnvError: the write failed.
+    """
+    current = read_env(locations)
+    active = current.variables.get(ACTIVE_SLOT)
+    if active != running_slot:
+        raise SlotError(
+            f"running slot {running_slot!r} is not the active slot {active!r} in the"
+            " U-Boot environment; reboot into the active slot before marking it good"
+        )
+    if (
+        current.variables.get(UPGRADE_AVAILABLE) == "0"
+        and current.variables.get(BOOTCOUNT) == "0"
+    ):
+        log.info("slot already marked good; environment unchanged")
+        return current
+    env = update_env(locations, {UPGRADE_AVAILABLE: "0", BOOTCOUNT: "0"})
+    log.info("marked slot %s good", env.variables.get(ACTIVE_SLOT))
+    return env
+
+
+def read_status(
+    locations: Sequence[EnvLocation], cmdline_path: str = PROC_CMDLINE
+) -> SlotStatus:
+    """Collect the running slot and the boot policy variables.
+
+    A missing or invalid ``mbl.slot`` is logged and reported as None.
+
+    Raises:
+        BootEnvCorruptError: both environment copies are invalid.
+        BootEnvError: the environment cannot be read.
+    """
+    env = read_env(locations)
+    try:
+        running: str | None = read_running_slot(cmdline_path)
+    except SlotError as exc:
+        log.warning("%s", exc)
+        running = None
+    variables = env.variables
+    return SlotStatus(
+        running_slot=running,
+        active_slot=variables.get(ACTIVE_SLOT),
+        previous_slot=variables.get(PREVIOUS_SLOT),
+        upgrade_available=variables.get(UPGRADE_AVAILABLE),
+        bootcount=variables.get(BOOTCOUNT),
+        bootlimit=variables.get(BOOTLIMIT),
+        rolled_back_from=variables.get(ROLLED_BACK_FROM),
+        env_copy=env.current + 1,
+        env_location=env.current_location,
+        env_flag=env.flag,
+        other_copy_error=env.other_copy_error,
+        environment=dict(variables),
+    )
+
+
+def _check_slot(slot: str, what: str) -> None:
+    if slot not in SLOT_NAMES:
+        raise SlotError(
+            f"invalid {what} {slot!r}; expected one of {', '.join(SLOT_NAMES)}"
+        )
