@@ -35,6 +35,7 @@ __all__ = [
     "Board",
     "BootConfig",
     "ConsoleConfig",
+    "DeviceTreeConfig",
     "EnvConfig",
     "FirmwareConfig",
     "HostRequirement",
@@ -43,6 +44,7 @@ __all__ = [
     "PartitionLayout",
     "QemuConfig",
     "StorageConfig",
+    "TransferConfig",
     "board_names",
     "check_host",
     "host_requirements",
@@ -63,6 +65,9 @@ BACKUP_GPT_SECTORS = 33
 PARTITION_ALIGNMENT = 1 << 20
 """Every partition starts and ends on a 1 MiB boundary, as fdisk and sfdisk
 align by default."""
+
+FLAGS_PARTITION = "bootflags"
+"""Partition of the flag files on boards whose boot state is ``flag-files``."""
 
 MBL_PARTITIONS = (
     "boot",
@@ -91,6 +96,10 @@ _PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 _PROGRAM = re.compile(r"[A-Za-z0-9_./+-]+")
 _TTY = re.compile(r"tty[A-Za-z]+[0-9]+")
 _DISK = re.compile(r"/dev/[a-z][a-z0-9]*")
+# Device tree node paths: "/" and node names (letters, digits, ",._+-", an optional
+# "@unit-address"), as the devicetree specification allows them.
+_NODE_PATH = re.compile(r"(/[A-Za-z0-9,._+-]+(@[0-9A-Fa-f,]+)?)+")
+_DTB_FILE = re.compile(r"[A-Za-z0-9_.,+-]+(/[A-Za-z0-9_.,+-]+)*\.dtb")
 _MODULE = re.compile(r"[A-Za-z0-9_-]+")
 _PARTITION_NAME = re.compile(r"[a-z][a-z0-9_]{0,35}")  # GPT names: 36 UTF-16 units
 
@@ -100,6 +109,15 @@ _BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600, 150000
 # decides the U-Boot command that starts it (booti for Image, bootz for zImage).
 _KERNEL_IMAGE_TYPES = {"arm64": "Image", "armhf": "zImage"}
 _BOOT_COMMANDS = {"Image": "booti", "zImage": "bootz"}
+
+# Storage interface → U-Boot's block device command (virtio read, mmc read …).
+_UBOOT_STORAGE_COMMANDS = {"virtio": "virtio", "sd": "mmc", "sdhci-pci": "mmc"}
+
+# Storage interfaces that attach an SD card, whose image size QEMU requires to be a
+# power of two.
+SD_INTERFACES = ("sd", "sdhci-pci")
+
+BOOT_STATES = ("u-boot-env", "flag-files")
 
 
 # --------------------------------------------------------------------------
@@ -113,20 +131,40 @@ class QemuConfig:
     binary: str
     package: str
     machine: str
-    cpu: str
+    cpu: str | None
+    """CPU model, or None for machines whose CPU is fixed (raspi3b, mcimx7d-sabre)."""
     memory: int
     """Guest RAM in bytes, a whole number of MiB."""
-    smp: int
+    smp: int | None
+    """Number of CPUs, or None for the machine's own number."""
     extra_args: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class FirmwareConfig:
-    """The boot firmware QEMU loads with ``-bios``."""
+    """The boot firmware, or ``kind`` "none" when QEMU boots the kernel directly."""
 
     kind: str
     package: str
-    path: Path
+    """Debian package of the firmware; empty for kind "none"."""
+    path: Path | None
+    """The firmware file: on the host (source "host"), or inside the package
+    (source "archive"); None for kind "none"."""
+    source: str
+    load: str
+    """QEMU option that loads the firmware: "bios" (-bios) or "kernel" (-kernel)."""
+    prompt: str
+    buffer_address: int
+    """RAM address of the boot script's buffers: two environment copies and a
+    scratch area, 3 MiB in all."""
+    own_env: str
+    """Where the firmware's own ``saveenv`` stores its environment: "unusable" or
+    "fat-file" (``uboot.env`` on the first FAT partition)."""
+
+    @property
+    def is_u_boot(self) -> bool:
+        """Whether U-Boot runs the boot script (else QEMU loads the kernel)."""
+        return self.kind == "u-boot"
 
 
 @dataclass(frozen=True)
@@ -137,11 +175,31 @@ class KernelConfig:
     arch: str
     image_type: str
     modules: tuple[str, ...]
+    compression: str
+    """How the kernel file on the boot partition is compressed: "none" or "gzip"."""
 
     @property
     def boot_command(self) -> str:
         """U-Boot command that starts this kernel image (``booti``, ``bootz``)."""
         return _BOOT_COMMANDS[self.image_type]
+
+    @property
+    def file_name(self) -> str:
+        """Name of the kernel file on the boot partition (``Image``, ``Image.gz``)."""
+        suffix = ".gz" if self.compression == "gzip" else ""
+        return self.image_type + suffix
+
+
+@dataclass(frozen=True)
+class DeviceTreeConfig:
+    """The device tree the kernel boots with, and the nodes the port depends on."""
+
+    file: str | None
+    """Path under the kernel package's ``usr/lib/linux-image-RELEASE/``, or None for
+    the tree that QEMU generates for its virt machine."""
+    memory: str
+    console: str
+    storage: str
 
 
 @dataclass(frozen=True)
@@ -150,6 +208,8 @@ class ConsoleConfig:
 
     device: str
     baud: int
+    serial_port: int
+    """Index of QEMU's serial port that carries the console; lower ports get null."""
 
 
 @dataclass(frozen=True)
@@ -231,20 +291,58 @@ class PartitionLayout:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """The transfer disk that payloads reach the running device on."""
+
+    interface: str
+    """How it is reached: virtio (a second disk), sd (another SD card slot) or
+    partition (a partition of the board's own disk, written through QEMU)."""
+    index: int
+    """The SD slot (``-drive if=sd,index=N``); unused otherwise."""
+    guest_disk: str
+    """The guest's block device: a disk, or with ``partition`` the partition."""
+    partition: str = ""
+    """Name of the partition with interface ``partition``, else ""."""
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """The emulated eMMC: how QEMU attaches it and how it is partitioned."""
 
     interface: str
+    sd_index: int
+    """The SD slot of the card (``-drive if=sd,index=N``); unused for other
+    interfaces."""
     guest_disk: str
     partition_prefix: str
     size: int
     first_partition_offset: int
-    env: EnvConfig
+    env: EnvConfig | None
+    """The redundant environment, or None on boards whose boot state is flag files."""
     layout: PartitionLayout
+    transfer: TransferConfig
 
     def device(self, number: int) -> str:
         """Return the guest device name of partition ``number``."""
         return f"{self.guest_disk}{self.partition_prefix}{number}"
+
+    @property
+    def uboot_command(self) -> str:
+        """U-Boot's command for this disk: ``virtio`` or ``mmc``."""
+        return _UBOOT_STORAGE_COMMANDS[self.interface]
+
+    def require_env(self) -> EnvConfig:
+        """Return the environment settings.
+
+        Raises:
+            ConfigError: the board keeps its boot state in flag files.
+        """
+        if self.env is None:
+            raise ConfigError(
+                "this board has no U-Boot environment (storage.env); its boot state "
+                "is in flag files"
+            )
+        return self.env
 
 
 @dataclass(frozen=True)
@@ -252,6 +350,10 @@ class BootConfig:
     """The boot policy's settings."""
 
     bootlimit: int
+    state: str
+    """Where the boot state lives: "u-boot-env" (the redundant environment that
+    the boot script reads) or "flag-files" (files on the bootflags partition that
+    the initramfs reads)."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +367,7 @@ class Board:
     qemu: QemuConfig
     firmware: FirmwareConfig
     kernel: KernelConfig
+    device_tree: DeviceTreeConfig
     console: ConsoleConfig
     storage: StorageConfig
     boot: BootConfig
@@ -428,6 +531,13 @@ def _format_size(size: int) -> str:
 # The sections of a board file
 
 
+def _optional_string(
+    section: _Mapping, key: str, pattern: re.Pattern[str] | None, expected: str
+) -> str | None:
+    node = section.optional(key)
+    return None if node is None else _string(node, pattern, expected)
+
+
 def _parse_qemu(node: _Node) -> QemuConfig:
     section = _Mapping(
         node, ("binary", "package", "machine", "cpu", "memory", "smp", "extra_args")
@@ -437,6 +547,9 @@ def _parse_qemu(node: _Node) -> QemuConfig:
     extra_args: tuple[str, ...] = ()
     if extra_args_node is not None:
         extra_args = tuple(_string(item) for item in _list(extra_args_node, "strings"))
+    # Number of virtual CPUs, passed to -smp. Optional: without it QEMU gives the
+    # machine its own number (raspi3b accepts only its 4 cores).
+    smp_node = section.optional("smp")
     return QemuConfig(
         # QEMU program, a name looked up on PATH or an absolute path.
         binary=_string(section.get("binary"), _PROGRAM, "a program name or path"),
@@ -444,8 +557,8 @@ def _parse_qemu(node: _Node) -> QemuConfig:
         package=_string(section.get("package"), _PACKAGE_NAME, "a Debian package name"),
         # Machine type and its options, passed to -M (virt, virt,highmem=off).
         machine=_string(section.get("machine")),
-        # CPU model, passed to -cpu.
-        cpu=_string(section.get("cpu")),
+        # CPU model, passed to -cpu. Optional: machines modelled on one SoC fix it.
+        cpu=_optional_string(section, "cpu", None, "a CPU model"),
         # Guest RAM, passed to -m, in whole MiB.
         memory=_size(
             section.get("memory"),
@@ -453,29 +566,101 @@ def _parse_qemu(node: _Node) -> QemuConfig:
             multiple=1 << 20,
             expected="a whole number of MiB, at least 16M",
         ),
-        # Number of virtual CPUs, passed to -smp.
-        smp=_integer(section.get("smp"), 1),
+        smp=None if smp_node is None else _integer(smp_node, 1),
         extra_args=extra_args,
     )
 
 
+_FIRMWARE_KEYS = (
+    "kind",
+    "package",
+    "path",
+    "source",
+    "load",
+    "prompt",
+    "buffer_address",
+    "own_env",
+)
+
+
 def _parse_firmware(node: _Node) -> FirmwareConfig:
-    section = _Mapping(node, ("kind", "package", "path"))
-    path = section.get("path")
-    # The firmware QEMU boots: only U-Boot, which runs the MBL boot script.
-    kind = _choice(section.get("kind"), ("u-boot",))
-    # Debian package that provides the firmware file, named when it is missing.
+    section = _Mapping(node, _FIRMWARE_KEYS)
+    # The firmware: u-boot, which runs the MBL boot script, or none, when QEMU
+    # loads the kernel, device tree and initramfs itself (-kernel, -dtb, -initrd)
+    # and the initramfs applies the boot policy with flag files.
+    kind = _choice(section.get("kind"), ("u-boot", "none"))
+    if kind == "none":
+        for key in _FIRMWARE_KEYS[1:]:
+            extra = section.optional(key)
+            if extra is not None:
+                extra.fail("no value: firmware kind 'none' takes no other keys")
+        return FirmwareConfig(
+            kind="none",
+            package="",
+            path=None,
+            source="host",
+            load="kernel",
+            prompt="",
+            buffer_address=0,
+            own_env="unusable",
+        )
+    # Debian package that provides the firmware file.
     package = _string(section.get("package"), _PACKAGE_NAME, "a Debian package name")
-    # Firmware image on the host, passed to -bios. Its existence is checked by
+    # Firmware file. With source "host" a file on the host, checked by
     # check_host(), not here, so that boards load on hosts that only build images.
+    # With source "archive" the file's path inside the package.
+    path = section.get("path")
     path_text = _string(path, expected="an absolute path")
     if not path_text.startswith("/"):
         path.fail("an absolute path")
-    return FirmwareConfig(kind=kind, package=package, path=Path(path_text))
+    # Where the package comes from. Optional, default host: installed on the host
+    # with apt. archive: downloaded for the board's architecture at build time
+    # (u-boot-rpi exists only for arm64 and armhf).
+    source = _optional_choice(section, "source", ("host", "archive"), "host")
+    # QEMU option that starts it. Optional, default bios (-bios, for virt); kernel
+    # (-kernel) for machines that start any image at the kernel's address (raspi3b).
+    load = _optional_choice(section, "load", ("bios", "kernel"), "bios")
+    # U-Boot's prompt. Optional, default "=> "; rpi builds print "U-Boot> ".
+    prompt = _optional_string(section, "prompt", None, "a prompt string") or "=> "
+    # RAM the boot script uses for the environment copies: 3 MiB from this address,
+    # clear of U-Boot, the kernel, the initramfs and the device tree. Optional,
+    # default 0x50000000, inside the RAM of QEMU's virt machine.
+    buffer_node = section.optional("buffer_address")
+    buffer_address = 0x50000000
+    if buffer_node is not None:
+        buffer_address = _size(
+            buffer_node, minimum=0, multiple=1 << 20, expected="a whole MiB"
+        )
+    # Where this U-Boot build's own saveenv stores its environment, which the MBL
+    # boot policy does not use: unusable (no writable store, as in u-boot-qemu) or
+    # fat-file (uboot.env on the first FAT partition, rewritten by saveenv).
+    own_env = _optional_choice(section, "own_env", ("unusable", "fat-file"), "unusable")
+    return FirmwareConfig(
+        kind=kind,
+        package=package,
+        path=Path(path_text),
+        source=source,
+        load=load,
+        prompt=prompt,
+        buffer_address=buffer_address,
+        own_env=own_env,
+    )
+
+
+def _optional_choice(
+    section: _Mapping, key: str, choices: Sequence[str], default: str
+) -> str:
+    node = section.optional(key)
+    if node is None:
+        return default
+    value: str = _choice(node, choices)
+    return value
 
 
 def _parse_kernel(node: _Node) -> KernelConfig:
-    section = _Mapping(node, ("package", "arch", "image_type", "modules"))
+    section = _Mapping(
+        node, ("package", "arch", "image_type", "modules", "compression")
+    )
     # Debian metapackage of the kernel (linux-image-arm64). The image build
     # resolves it to the versioned package that is current at build time.
     package = _string(section.get("package"), _PACKAGE_NAME, "a Debian package name")
@@ -495,27 +680,69 @@ def _parse_kernel(node: _Node) -> KernelConfig:
         _string(item, _MODULE, "a kernel module name")
         for item in _list(section.get("modules"), "kernel module names")
     )
+    # Compression of the kernel file on the boot partition. Optional, default
+    # none. gzip makes U-Boot read a third of the bytes, which matters where it
+    # reads an SD card slowly, and then unzip the Image in RAM. Only for Image:
+    # a zImage decompresses itself.
+    compression_node = section.optional("compression")
+    compression = "none"
+    if compression_node is not None:
+        compression = _choice(compression_node, ("none", "gzip"))
+        if compression == "gzip" and image_type != "Image":
+            compression_node.fail("'none' for a zImage, which is compressed already")
     return KernelConfig(
-        package=package, arch=arch, image_type=image_type, modules=modules
+        package=package,
+        arch=arch,
+        image_type=image_type,
+        modules=modules,
+        compression=compression,
+    )
+
+
+def _parse_device_tree(node: _Node) -> DeviceTreeConfig:
+    section = _Mapping(node, ("file", "memory", "console", "storage"))
+    node_path = "an absolute device tree node path such as /soc/serial@30860000"
+    return DeviceTreeConfig(
+        # The .dtb in the kernel package, relative to usr/lib/linux-image-RELEASE
+        # (imx7s-warp.dtb, broadcom/bcm2837-rpi-3-b.dtb). Optional: without it the
+        # kernel boots with the tree QEMU generates (virt), dumped with dumpdtb.
+        file=_optional_string(
+            section, "file", _DTB_FILE, "a .dtb path such as a/b.dtb"
+        ),
+        # Node paths that mbl_sim.dtb checks in the tree before anything boots:
+        # the RAM, the console's UART and the controller of the storage device.
+        memory=_string(section.get("memory"), _NODE_PATH, node_path),
+        console=_string(section.get("console"), _NODE_PATH, node_path),
+        storage=_string(section.get("storage"), _NODE_PATH, node_path),
     )
 
 
 def _parse_console(node: _Node) -> ConsoleConfig:
-    section = _Mapping(node, ("device", "baud"))
+    section = _Mapping(node, ("device", "baud", "serial_port"))
+    # Index of QEMU's serial port (-serial) that the console is on. Optional,
+    # default 0. raspi3b: 1, because Linux gives the first UART to Bluetooth.
+    port_node = section.optional("serial_port")
     return ConsoleConfig(
         # The guest's name of the serial console (console= on the command line).
         device=_string(section.get("device"), _TTY, "a tty name such as ttyAMA0"),
         # Its baud rate, for console= on the kernel command line. QEMU ignores it.
         baud=_choice(section.get("baud"), _BAUD_RATES),
+        serial_port=0 if port_node is None else _integer(port_node, 0, 3),
     )
 
 
 def _parse_boot(node: _Node) -> BootConfig:
-    section = _Mapping(node, ("bootlimit",))
+    section = _Mapping(node, ("bootlimit", "state"))
     # Boots allowed on trial after an update before the boot script rolls back. At most
     # 9, because U-Boot's setexpr and itest count in hexadecimal and the environment
     # stores bootcount as the decimal digit the updater reads.
-    return BootConfig(bootlimit=_integer(section.get("bootlimit"), 1, 9))
+    bootlimit = _integer(section.get("bootlimit"), 1, 9)
+    # Where the boot state lives. Optional, default u-boot-env: the redundant
+    # environment of storage.env, read by the boot script. flag-files: files on the
+    # bootflags partition, read by the initramfs, for boards without a usable
+    # U-Boot (firmware kind none).
+    state = _optional_choice(section, "state", BOOT_STATES, "u-boot-env")
+    return BootConfig(bootlimit=bootlimit, state=state)
 
 
 @dataclass(frozen=True)
@@ -536,7 +763,8 @@ def _parse_partition(node: _Node) -> _PartitionEntry:
             multiple=PARTITION_ALIGNMENT,
             expected="a whole number of MiB, at least 1M",
         ),
-        fs=_choice(entry.get("fs"), ("vfat", "ext4")),
+        # vfat, ext4, or none for a raw partition (the transfer partition).
+        fs=_choice(entry.get("fs"), ("vfat", "ext4", "none")),
         size_node=size_node,
     )
 
@@ -630,35 +858,49 @@ def _parse_env(node: _Node, first_partition_offset: int) -> EnvConfig:
     return EnvConfig(offsets=(offsets[0], offsets[1]), size=size)
 
 
-def _parse_storage(node: _Node) -> StorageConfig:
-    section = _Mapping(
-        node,
-        (
-            "interface",
-            "guest_disk",
-            "partition_prefix",
-            "size",
-            "env",
-            "partitions",
-            "first_partition_offset",
-        ),
-    )
+_STORAGE_KEYS = (
+    "interface",
+    "sd_index",
+    "guest_disk",
+    "partition_prefix",
+    "size",
+    "env",
+    "partitions",
+    "first_partition_offset",
+    "transfer",
+)
 
-    # How QEMU attaches the disk image: virtio (virtio-blk-pci).
-    interface = _choice(section.get("interface"), ("virtio",))
+
+def _parse_storage(node: _Node) -> StorageConfig:
+    section = _Mapping(node, _STORAGE_KEYS)
+
+    # How QEMU attaches the disk image: virtio (virtio-blk-pci), sd (an SD card in
+    # the SoC's own slot, -drive if=sd) or sdhci-pci (an SD card on a PCI SDHCI
+    # controller, for virt).
+    interface = _choice(section.get("interface"), ("virtio", *SD_INTERFACES))
+    # The SoC's card slot for interface sd (-drive if=sd,index=N). Optional,
+    # default 0; the WaRP7's eMMC is slot 2.
+    sd_index_node = section.optional("sd_index")
+    sd_index = 0 if sd_index_node is None else _integer(sd_index_node, 0, 3)
     # The guest's name of the whole disk.
     guest_disk = _string(section.get("guest_disk"), _DISK, "a device such as /dev/vda")
     # Text between the disk name and the partition number: "" for /dev/vda2,
     # "p" for /dev/mmcblk0p2.
     prefix = _choice(section.get("partition_prefix"), ("", "p"))
 
-    # Size of the whole disk image, in whole sectors.
+    # Size of the whole disk image, in whole sectors. QEMU's SD card model takes
+    # only images whose size is a power of two.
+    size_node = section.get("size")
     size = _size(
-        section.get("size"),
+        size_node,
         minimum=PARTITION_ALIGNMENT,
         multiple=SECTOR_SIZE,
         expected=f"a multiple of {SECTOR_SIZE}, at least 1M",
     )
+    if interface in SD_INTERFACES and size & (size - 1):
+        size_node.fail(
+            f"a power of two, because QEMU's SD card model requires it for {interface}"
+        )
 
     # Partitions in GPT order (partition 1 first), each {name, size, fs}, packed
     # one after the other from first_partition_offset (a whole number of MiB).
@@ -676,18 +918,110 @@ def _parse_storage(node: _Node) -> StorageConfig:
     _check_partition_names(partitions_node, entries)
     layout = _pack_partitions(entries, first_offset, size, guest_disk + prefix)
 
-    # The redundant U-Boot environment, see _parse_env.
-    env = _parse_env(section.get("env"), first_offset)
+    # The redundant U-Boot environment, see _parse_env. Required when boot.state
+    # is u-boot-env, absent when it is flag-files (checked in _parse_root).
+    env_node = section.optional("env")
+    env = None if env_node is None else _parse_env(env_node, first_offset)
 
     return StorageConfig(
         interface=interface,
+        sd_index=sd_index,
         guest_disk=guest_disk,
         partition_prefix=prefix,
         size=size,
         first_partition_offset=first_offset,
         env=env,
         layout=layout,
+        transfer=_parse_transfer(node, section, interface, guest_disk, layout),
     )
+
+
+def _parse_transfer(
+    storage: _Node,
+    storage_section: _Mapping,
+    interface: str,
+    guest_disk: str,
+    layout: PartitionLayout,
+) -> TransferConfig:
+    """Parse the transfer disk: where payloads reach the running device.
+
+    Optional for virtio storage, where it is the next virtio disk (/dev/vdb after
+    /dev/vda); required otherwise.
+    """
+    node = storage_section.optional("transfer")
+    if node is None:
+        if interface != "virtio" or not guest_disk[-1].isalpha():
+            _Node(storage.file, storage.at("transfer"), None).fail(
+                "a mapping with the keys interface, index, guest_disk",
+                problem=f"missing key, required for storage interface {interface!r}",
+            )
+        following = guest_disk[:-1] + chr(ord(guest_disk[-1]) + 1)
+        return TransferConfig(interface="virtio", index=0, guest_disk=following)
+    section = _Mapping(node, ("interface", "index", "guest_disk", "partition"))
+    # How payloads reach the device: virtio (a second disk), sd (a card in another
+    # slot) or partition (a raw partition of the board's own disk that the host
+    # writes through QEMU, for machines with one card slot and no PCI).
+    transfer_interface = _choice(
+        section.get("interface"), ("virtio", "sd", "partition")
+    )
+    if transfer_interface == "partition":
+        # The partition's name; it must have fs: none.
+        partition_node = section.get("partition")
+        name = _string(partition_node, _PARTITION_NAME, "a partition name")
+        found = [p for p in layout if p.name == name and p.fs == "none"]
+        if not found:
+            partition_node.fail("the name of a partition with fs: none")
+        return TransferConfig(
+            interface="partition",
+            index=0,
+            guest_disk=found[0].device,
+            partition=name,
+        )
+    # The card slot for sd (-drive if=sd,index=N); must differ from the storage's.
+    index_node = section.optional("index")
+    index = 0 if index_node is None else _integer(index_node, 0, 3)
+    return TransferConfig(
+        interface=transfer_interface,
+        index=index,
+        # The guest's name of the transfer disk.
+        guest_disk=_string(
+            section.get("guest_disk"), _DISK, "a device such as /dev/mmcblk0"
+        ),
+    )
+
+
+def _check_boot_state(root: _Mapping, board: Board) -> None:
+    """Check that the firmware, the boot state and the storage fit together."""
+    storage_node = root.get("storage")
+    env_node = _Node(storage_node.file, storage_node.at("env"), None)
+    if board.boot.state == "u-boot-env":
+        if not board.firmware.is_u_boot:
+            root.get("boot").fail(
+                "a mapping with state: flag-files, because firmware kind 'none' "
+                "runs no boot script that could read a U-Boot environment",
+                problem="boot state 'u-boot-env' needs U-Boot",
+            )
+        if board.storage.env is None:
+            env_node.fail(
+                "the key env, which boot.state u-boot-env requires",
+                problem="missing key",
+            )
+        return
+    if board.firmware.is_u_boot:
+        root.get("boot").fail(
+            "state u-boot-env, because the boot script of U-Boot boards reads the "
+            "environment",
+            problem="boot state 'flag-files' is for boards without U-Boot",
+        )
+    if board.storage.env is not None:
+        env_node.fail("no env key, because boot.state is flag-files")
+    partitions = {p.name: p for p in board.storage.layout}
+    flags = partitions.get(FLAGS_PARTITION)
+    if flags is None or flags.fs != "ext4":
+        _Node(storage_node.file, storage_node.at("partitions"), None).fail(
+            f"an ext4 partition named {FLAGS_PARTITION!r} for the flag files",
+            problem=f"missing ext4 partition {FLAGS_PARTITION!r}",
+        )
 
 
 def _parse_root(node: _Node, stem: str) -> Board:
@@ -699,6 +1033,7 @@ def _parse_root(node: _Node, stem: str) -> Board:
             "qemu",
             "firmware",
             "kernel",
+            "device_tree",
             "console",
             "storage",
             "boot",
@@ -710,7 +1045,7 @@ def _parse_root(node: _Node, stem: str) -> Board:
     if name != stem:
         name_node.fail(f"{stem!r}, the file's name without .yaml")
     description = root.optional("description")
-    return Board(
+    board = Board(
         name=name,
         # One line for humans. Optional.
         description="" if description is None else _string(description),
@@ -718,10 +1053,14 @@ def _parse_root(node: _Node, stem: str) -> Board:
         qemu=_parse_qemu(root.get("qemu")),
         firmware=_parse_firmware(root.get("firmware")),
         kernel=_parse_kernel(root.get("kernel")),
+        # The device tree, see _parse_device_tree.
+        device_tree=_parse_device_tree(root.get("device_tree")),
         console=_parse_console(root.get("console")),
         storage=_parse_storage(root.get("storage")),
         boot=_parse_boot(root.get("boot")),
     )
+    _check_boot_state(root, board)
+    return board
 
 
 # --------------------------------------------------------------------------
@@ -806,13 +1145,20 @@ class HostRequirement:
 
 
 def host_requirements(board: Board) -> tuple[HostRequirement, ...]:
-    """Return the host programs and files that booting ``board`` needs."""
-    return (
-        HostRequirement("QEMU", board.qemu.binary, board.qemu.package),
-        HostRequirement("firmware", str(board.firmware.path), board.firmware.package),
-        # Each machine runs its disks on qcow2 overlays made with qemu-img.
-        HostRequirement("disk overlays", "qemu-img", "qemu-utils"),
-    )
+    """Return the host programs and files that booting ``board`` needs.
+
+    Firmware from the Debian archive of the board's architecture is part of the
+    built images, not of the host.
+    """
+    requirements = [HostRequirement("QEMU", board.qemu.binary, board.qemu.package)]
+    firmware = board.firmware
+    if firmware.path is not None and firmware.source == "host":
+        requirements.append(
+            HostRequirement("firmware", str(firmware.path), firmware.package)
+        )
+    # Each machine runs its disks on qcow2 overlays made with qemu-img.
+    requirements.append(HostRequirement("disk overlays", "qemu-img", "qemu-utils"))
+    return tuple(requirements)
 
 
 def check_host(board: Board) -> None:

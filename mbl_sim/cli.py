@@ -3,7 +3,10 @@
     mbl-sim run [--board B] [--scenario S ...]   build, boot and run update scenarios
     mbl-sim images build [--board B] [--refresh] build (or reuse) a board's images
     mbl-sim payload rootfs -o OUT.tar ...         build a root filesystem payload
+    mbl-sim payload app -o OUT.tar SOURCE ...     build an application payload
     mbl-sim boards                                list the shipped boards
+    mbl-sim certify BOARD [--check NAME ...]      certify a board port, write a report
+    mbl-sim board new NAME                        write a board file from the template
 
 Exit status: 0 success, 1 a scenario or build failed, 2 invalid usage or configuration.
 """
@@ -19,9 +22,17 @@ from pathlib import Path
 
 from mbl_sim import scenarios
 from mbl_sim.board import DEFAULT_BOARD, Board, board_names, check_host, load_board
+from mbl_sim.certify import command as certify_command
 from mbl_sim.errors import BuildError, ConfigError, MblSimError
 from mbl_sim.images.cache import default_cache_dir
 from mbl_sim.images.recipe import DeviceImages, ImageBuilder
+from mbl_sim.ipk import (
+    COMPRESSIONS,
+    WRAPPERS,
+    IpkFormat,
+    build_app_payload,
+    build_ipk_from_directory,
+)
 from mbl_sim.payloads import RootfsChange, build_rootfs_payload
 
 EXIT_OK = 0
@@ -111,9 +122,59 @@ def _parser() -> argparse.ArgumentParser:
     rootfs.add_argument(
         "-o", "--output", type=Path, required=True, help="payload .tar to write"
     )
+    _add_app_payload_parser(payload_commands)
 
     commands.add_parser("boards", help="list the shipped boards")
+    certify_command.add_parsers(commands)
     return parser
+
+
+def _add_app_payload_parser(
+    payload_commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    app = payload_commands.add_parser(
+        "app",
+        help="application payload: one .ipk per SOURCE",
+        description="Build an application payload: a tar of one .ipk per SOURCE. A"
+        " SOURCE is an .ipk file, taken as it is, or a directory in opkg-build's"
+        " layout: the control file in SOURCE/CONTROL/control (Package, Version,"
+        " Architecture, App-Exec, and optionally Depends, App-Stop-Timeout,"
+        " App-Health-Window) and the application's files beside it. Example:"
+        " mbl-sim payload app -o hello.tar --set Version=2.0.0 ./hello",
+    )
+    app.add_argument(
+        "sources", nargs="+", type=Path, metavar="SOURCE", help=".ipk or directory"
+    )
+    app.add_argument(
+        "-o", "--output", type=Path, required=True, help="payload .tar to write"
+    )
+    app.add_argument(
+        "--wrapper",
+        choices=WRAPPERS,
+        default="ar",
+        help="outer format of built packages: ar (opkg-build, Yocto) or tar"
+        " (gzip-compressed tar, OpenWrt's ipkg-build) (default ar)",
+    )
+    app.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default="gz",
+        help="compression of data.tar in built packages (default gz)",
+    )
+    app.add_argument(
+        "--dot-slash",
+        action="store_true",
+        help="start member names of built packages with ./ (tar wrapper and inner"
+        " tarballs)",
+    )
+    app.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a control field of every package built from a directory, for"
+        " example Version=2.0.0; repeat for several",
+    )
 
 
 def _add_board(parser: argparse.ArgumentParser) -> None:
@@ -196,8 +257,13 @@ def _parse_added_files(specs: Sequence[str]) -> dict[str, bytes]:
 
 
 def _cmd_payload(args: argparse.Namespace) -> int:
+    if args.payload_command == "app":
+        return _cmd_payload_app(args)
     if args.payload_command != "rootfs":
-        raise ConfigError("usage: mbl-sim payload rootfs -o OUT.tar [options]")
+        raise ConfigError(
+            "usage: mbl-sim payload rootfs -o OUT.tar [options], or"
+            " mbl-sim payload app -o OUT.tar SOURCE..."
+        )
     change = RootfsChange(
         version=args.version, files=_parse_added_files(args.add), remove=args.remove
     )
@@ -206,6 +272,43 @@ def _cmd_payload(args: argparse.Namespace) -> int:
         source = _build(load_board(args.board), args.cache_dir).rootfs
     output = build_rootfs_payload(source, args.output, change)
     _say(f"wrote {output} ({output.stat().st_size} bytes)")
+    return EXIT_OK
+
+
+def _parse_fields(specs: Sequence[str]) -> dict[str, str]:
+    fields = {}
+    for spec in specs:
+        name, separator, value = spec.partition("=")
+        if not separator or not name or not value:
+            raise ConfigError(
+                f"--set {spec!r}: expected FIELD=VALUE, for example Version=2.0.0"
+            )
+        fields[name] = value
+    return fields
+
+
+def _cmd_payload_app(args: argparse.Namespace) -> int:
+    package_format = IpkFormat(
+        wrapper=args.wrapper,
+        data_compression=args.compression,
+        dot_slash=args.dot_slash,
+    )
+    overrides = _parse_fields(args.set)
+    package_dir = args.output.with_name(args.output.name + ".packages")
+    packages = []
+    for source in args.sources:
+        if source.is_dir():
+            package = build_ipk_from_directory(
+                source, package_dir, package_format, overrides
+            )
+            _say(f"built {package}")
+        elif source.is_file():
+            package = source
+        else:
+            raise ConfigError(f"package source {source} not found")
+        packages.append(package)
+    output = build_app_payload(packages, args.output)
+    _say(f"wrote {output} ({output.stat().st_size} bytes, {len(packages)} packages)")
     return EXIT_OK
 
 
@@ -229,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "images": _cmd_images,
         "payload": _cmd_payload,
         "boards": _cmd_boards,
+        **certify_command.COMMANDS,
     }
     try:
         return handlers[args.command](args)

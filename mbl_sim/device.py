@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import time
 import zlib
@@ -23,11 +24,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from mbl_sim.console import UBOOT_BANNER, CommandResult, Console, Shell
+from mbl_sim.console import (
+    UBOOT_BANNER,
+    CommandResult,
+    Console,
+    Shell,
+    stop_autoboot,
+)
 from mbl_sim.errors import ConfigError, TargetError, UpdateFailedError
 from mbl_sim.images.recipe import DeviceImages
 from mbl_sim.log import step
-from mbl_sim.machine import Machine, create_overlay
+from mbl_sim.machine import BlockdevDisk, BootFiles, Machine, create_overlay
+from mbl_sim.storage import (
+    DROP_UNFLUSHED,
+    CutPolicy,
+    CutTrigger,
+    PowerCut,
+    StorageModel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +84,8 @@ class Device:
         self.shell: Shell | None = None
         self.booted_slot: str | None = None
         self.booted_version: str | None = None
+        self.storage: StorageModel | None = None
+        self._armed: tuple[CutTrigger, CutPolicy, int] | None = None
         self._log = log.getChild(name)
 
     # -- power ----------------------------------------------------------------------
@@ -98,11 +114,16 @@ class Device:
             raise ConfigError(f"wait must be 'shell', 'uboot' or 'none', got {wait!r}")
         if self.machine is not None:
             raise ConfigError(f"device {self.name!r} is already powered on")
+        if wait == "uboot" and self.images.direct_boot:
+            raise ConfigError(
+                f"board {self.board.name} has no U-Boot; power on with wait='shell'"
+            )
         machine = Machine(
             self.board,
-            [self.disk, self.transfer_disk],
+            [self._emmc(), self.transfer_disk],
             name=self.name,
             workdir=self.workdir,
+            boot=self.boot_files(),
         )
         with step(self._log, "power on"):
             machine.start()
@@ -111,23 +132,41 @@ class Device:
         if wait == "uboot":
             self.wait_for_uboot(timeout)
         elif wait == "shell":
-            self.wait_for_uboot(timeout)
-            self.boot(timeout)
+            self.expect_reboot(timeout)
+
+    def boot_files(self) -> BootFiles:
+        """Return what QEMU loads besides the disks: the built U-Boot image, or on
+        boards without U-Boot the kernel, initramfs, device tree and command line."""
+        images = self.images
+        if not images.direct_boot:
+            return BootFiles(firmware=images.firmware)
+        return BootFiles(
+            kernel=images.kernel,
+            initrd=images.initrd,
+            dtb=images.dtb if self.board.device_tree.file is not None else None,
+            append=images.bootargs,
+        )
 
     def wait_for_uboot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Wait for U-Boot's autoboot countdown, stop it and wait for its prompt."""
+        prompt = self.board.firmware.prompt
         console = self.console
-        with step(self._log, "wait for U-Boot"), console.allowing(UBOOT_BANNER):
-            console.expect(UBOOT_AUTOBOOT, timeout)
+        with step(self._log, "wait for U-Boot"):
+            if prompt == UBOOT_PROMPT:
+                stop_autoboot(console, timeout)
+                return
+            # Builds with another prompt (rpi: "U-Boot> ").
+            with console.allowing(UBOOT_BANNER):
+                console.expect(UBOOT_AUTOBOOT, timeout)
             console.send(" ")
-            console.expect(UBOOT_PROMPT, timeout)
+            console.expect(re.escape(prompt), timeout)
 
     def uboot(self, command: str, timeout: float = 30.0) -> str:
         """Run one command at the U-Boot prompt and return its output."""
         console = self.console
         console.sendline(command)
         console.expect(r"\r?\n", timeout)
-        match = console.expect(UBOOT_PROMPT, timeout)
+        match = console.expect(re.escape(self.board.firmware.prompt), timeout)
         return match.before
 
     def boot(self, timeout: float = BOOT_TIMEOUT) -> None:
@@ -160,7 +199,14 @@ class Device:
         self.expect_reboot(timeout)
 
     def expect_reboot(self, timeout: float = BOOT_TIMEOUT) -> None:
-        """Wait for a reboot that the guest started, through U-Boot to the shell."""
+        """Wait for a reboot that the guest started, through U-Boot to the shell.
+
+        On boards without U-Boot, QEMU's reset loads the same kernel again and
+        the initramfs applies the boot policy, so only the shell is awaited.
+        """
+        if self.images.direct_boot:
+            self.wait_for_shell(timeout)
+            return
         self.wait_for_uboot(timeout)
         self.boot(timeout)
 
@@ -175,21 +221,116 @@ class Device:
             finally:
                 self.machine = None
                 self.shell = None
+                self._armed = None
+            if self.storage is not None:
+                self.storage.commit_session()
 
-    def power_cut(self) -> None:
-        """Kill QEMU at once with SIGKILL, as a power cut. Every write that reached the
-        host file survives; the guest's unwritten page cache is lost."""
+    def power_cut(self, policy: CutPolicy = DROP_UNFLUSHED) -> PowerCut | None:
+        """Kill QEMU at once with SIGKILL, as a power cut; the guest's page cache is
+        lost.
+
+        Without the storage model every write that reached the host file survives
+        and this returns None. With it (`attach_storage_model`), ``policy`` decides
+        which writes that no flush covered survive (by default none), and the
+        returned record says what reproduces the cut.
+        """
         machine = self._running()
         self._log.warning("power cut (SIGKILL to QEMU pid %d)", machine.pid)
+        self._kill()
+        if self.storage is None:
+            return None
+        return self.storage.cut(policy, trigger="power_cut() call")
+
+    def _kill(self) -> None:
+        machine = self._running()
         try:
             machine.kill()
         finally:
             machine.close()
             self.machine = None
             self.shell = None
+            self._armed = None
 
     def close(self) -> None:
         self.power_off()
+
+    # -- power cuts through the storage model -------------------------------------
+
+    def attach_storage_model(self) -> StorageModel:
+        """Attach the eMMC through the storage model from the next power-on on.
+
+        Writes then go through QEMU's write log, and `power_cut` loses what the
+        guest had not flushed. See `mbl_sim.storage.model`.
+
+        Raises:
+            ConfigError: the device is powered on.
+        """
+        if self.machine is not None:
+            raise ConfigError(
+                f"device {self.name!r} is powered on; attach the storage model while"
+                " it is off"
+            )
+        if self.storage is None:
+            self.storage = StorageModel(
+                self.disk, self.board.storage.size, name=self.name
+            )
+        return self.storage
+
+    def _emmc(self) -> Path | BlockdevDisk:
+        if self.storage is None:
+            return self.disk
+        return self.storage.start_session()
+
+    def _model(self) -> StorageModel:
+        if self.storage is None:
+            raise ConfigError(
+                f"device {self.name!r} has no storage model; call"
+                " attach_storage_model() before power_on()"
+            )
+        self._running()
+        return self.storage
+
+    def arm_power_cut(
+        self, trigger: CutTrigger, policy: CutPolicy = DROP_UNFLUSHED
+    ) -> None:
+        """Arm a power cut that `wait_for_power_cut` fires. Write and flush counts
+        start at the log entries completed now.
+
+        Raises:
+            ConfigError: no storage model, or the device is off.
+        """
+        armed_at = len(self._model().read_log())
+        self._armed = (trigger, policy, armed_at)
+        self._log.info(
+            "power cut armed at log entry %d: %s, %s",
+            armed_at,
+            trigger.describe(),
+            policy.describe(),
+        )
+
+    def wait_for_power_cut(self, timeout: float = 600.0) -> PowerCut:
+        """Wait until the armed cut fires, cut the power and return the record.
+
+        A write or flush trigger that matched earlier in the log fires at once at
+        that log index; the guest's later writes are not part of the cut state.
+
+        Raises:
+            ConfigError: no cut is armed.
+            TargetError: the trigger did not fire within ``timeout`` seconds.
+        """
+        model = self._model()
+        if self._armed is None:
+            raise ConfigError(f"device {self.name!r} has no armed power cut")
+        trigger, policy, armed_at = self._armed
+        console = self.console
+        point = model.wait_for_trigger(
+            trigger, armed_at, timeout, expect=console.expect, drain=console.drain
+        )
+        self._log.warning("armed power cut fired: %s", trigger.describe())
+        self._kill()
+        return model.cut(
+            policy, trigger=trigger.describe(), point=point, armed_at=armed_at
+        )
 
     def __enter__(self) -> Device:
         return self
@@ -257,6 +398,8 @@ class Device:
             disk.write(TRANSFER_HEADER.pack(TRANSFER_MAGIC, 2, size, crc))
             disk.flush()
             os.fsync(disk.fileno())
+        if self.board.storage.transfer.interface == "partition":
+            self._copy_to_transfer_partition(TRANSFER_DATA_OFFSET + size)
         transfer_device = self._transfer_device()
         self.run(f"{RECEIVE_COMMAND} {transfer_device} {target}", timeout, check=True)
         elapsed = time.monotonic() - started
@@ -270,46 +413,79 @@ class Device:
         )
         return target
 
-    def _transfer_device(self) -> str:
-        # The transfer disk is the second disk QEMU attaches: /dev/vdb after /dev/vda.
-        disk = self.board.storage.guest_disk
-        if self.board.storage.interface == "virtio":
-            return disk[:-1] + chr(ord(disk[-1]) + 1)
-        raise ConfigError(
-            f"board {self.board.name}: payload delivery is not supported for storage "
-            f"interface {self.board.storage.interface!r}"
+    def _copy_to_transfer_partition(self, length: int) -> None:
+        """Copy the first ``length`` bytes of the transfer file into the transfer
+        partition of the running device's disk.
+
+        QEMU's monitor command ``qemu-io`` writes through the same block backend
+        as the guest's disk controller, so the overlay stays consistent; ``-s``
+        takes the data from the file. The backend of ``-drive if=sd,index=N`` is
+        named ``sdN``.
+        """
+        storage = self.board.storage
+        partition = storage.layout[storage.transfer.partition]
+        if length > partition.size:
+            raise ConfigError(
+                f"payload of {length} bytes with header does not fit the transfer "
+                f"partition {partition.name} of {partition.size} bytes"
+            )
+        backend = f"sd{storage.sd_index}"
+        command = (
+            f'qemu-io {backend} "write -q -s {self.transfer_disk} '
+            f'{partition.start} {length}"'
         )
+        output = self._running().qmp(
+            "human-monitor-command", **{"command-line": command}
+        )
+        if isinstance(output, str) and output.strip():
+            raise TargetError(f"QEMU monitor: {command}: {output.strip()}")
+
+    def _transfer_device(self) -> str:
+        # The transfer disk is the second disk QEMU attaches: /dev/vdb after
+        # /dev/vda, or another SD card slot on boards with SD storage.
+        return self.board.storage.transfer.guest_disk
 
     # -- the updater ----------------------------------------------------------------
 
     def install(
-        self, payload: Path, *, expect_reboot: bool = True, timeout: float = 600.0
+        self,
+        payload: Path,
+        *,
+        reboot: bool = True,
+        check: bool = True,
+        timeout: float = 600.0,
     ) -> CommandResult:
-        """Deliver ``payload`` and run ``mbl-update install`` on it.
+        """Deliver ``payload`` and run ``mbl-update install --no-reboot`` on it.
 
-        With ``expect_reboot`` (root filesystem updates) a successful install is
-        followed by the updater's reboot, and this returns when the shell is back.
-        The result holds the updater's exit status and output.
+        With ``reboot`` (root filesystem updates) a successful install is followed by
+        a reboot, and this returns when the shell is back. The updater's own reboot
+        is left out so that the harness sees its exit status and output first.
 
         Raises:
-            UpdateFailedError: a reboot was expected but the updater failed.
+            UpdateFailedError: ``check`` is set and the updater exited non-zero.
         """
         on_device = self.deliver(payload)
-        if not expect_reboot:
-            return self.run(f"mbl-update install {on_device}", timeout)
-        shell = self._shell()
-        result = shell.run(f"mbl-update install --no-reboot {on_device}", timeout)
+        command = f"mbl-update install --no-reboot {on_device}"
+        result = self.run(command, timeout)
         if result.exit_status != 0:
-            raise UpdateFailedError(
-                f"mbl-update install {on_device} exited with status "
-                f"{result.exit_status}:\n{result.output}"
-            )
-        self.reboot()
+            if check:
+                raise UpdateFailedError(
+                    f"{command} exited with status {result.exit_status}:\n"
+                    f"{result.output}"
+                )
+            return result
+        if reboot:
+            self.reboot()
         return result
 
     def status(self) -> dict[str, Any]:
         """Return ``mbl-update status --json`` as a dictionary."""
-        output = self.check_output("mbl-update status --json")
+        # Warnings go to stderr, which the console mixes into the output, so stderr
+        # goes to a file and is logged.
+        output = self.check_output("mbl-update status --json 2>/tmp/mbl-status.err")
+        warnings = self.run("cat /tmp/mbl-status.err").output.strip()
+        if warnings:
+            self._log.info("mbl-update status: %s", warnings)
         try:
             value = json.loads(output)
         except json.JSONDecodeError as error:
@@ -327,18 +503,33 @@ class Device:
         return self.check_output("cat /etc/mbl-version").strip()
 
     def running_slot(self) -> str:
-        """Return the slot the kernel was booted from, as the boot script passed it."""
+        """Return the slot the kernel was booted from, as the boot script passed it.
+
+        Boards with flag files have no ``mbl.slot=``, because the initramfs picks
+        the slot; there the slot is the partition mounted as ``/``.
+        """
         output = self.check_output("cat /proc/cmdline")
         for argument in output.split():
             if argument.startswith("mbl.slot="):
                 return argument.removeprefix("mbl.slot=")
+        if self.board.boot.state == "flag-files":
+            return self._mounted_slot()
         raise TargetError(
             f"no mbl.slot= on the kernel command line: {output.strip()!r}"
         )
 
+    def _mounted_slot(self) -> str:
+        root = self.check_output("mountpoint -d /").strip()
+        layout = self.board.storage.layout
+        for slot, name in (("a", "rootfs1"), ("b", "rootfs2")):
+            device = layout[name].device
+            if self.check_output(f"mountpoint -x {device}").strip() == root:
+                return slot
+        raise TargetError(f"the root filesystem ({root}) is on neither slot's device")
+
     def env_digest(self) -> str:
         """Return the SHA-256 of both raw environment copies, read on the device."""
-        env = self.board.storage.env
+        env = self.board.storage.require_env()
         disk = self.board.storage.guest_disk
         parts = []
         for offset in env.offsets:
@@ -347,3 +538,34 @@ class Device:
                 f"count={env.size // 512} 2>/dev/null"
             )
         return self.check_output(f"({'; '.join(parts)}) | sha256sum").split()[0]
+
+    # -- applications ---------------------------------------------------------------
+
+    def install_apps(self, payload: Path, timeout: float = 300.0) -> CommandResult:
+        """Deliver an application payload and run ``mbl-update install`` on it.
+
+        The updater does not reboot for applications. The result holds its exit
+        status and output; a failed update is not raised, so tests can check it.
+        """
+        return self.install(payload, reboot=False, check=False, timeout=timeout)
+
+    def apps(self) -> dict[str, dict[str, Any]]:
+        """Return the installed applications of ``mbl-update status --json`` by
+        name: version, architecture, state (``running``, ``stopped`` …), pid and
+        release."""
+        apps = self.status().get("apps")
+        if not isinstance(apps, list):
+            raise TargetError(f"mbl-update status --json has no apps list: {apps!r}")
+        return {app["name"]: app for app in apps}
+
+    def app_version(self, name: str) -> str | None:
+        """Return the installed version of application ``name``, or None."""
+        app = self.apps().get(name)
+        return None if app is None else str(app["version"])
+
+    def app_state(self, name: str) -> str:
+        """Return the process state of application ``name``: ``running``,
+        ``starting``, ``restarting``, ``stopped``, ``unsupervised``, or
+        ``not installed``."""
+        app = self.apps().get(name)
+        return "not installed" if app is None else str(app["state"])

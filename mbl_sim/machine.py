@@ -51,6 +51,7 @@ from mbl_sim.log import step
 
 __all__ = [
     "BlockdevDisk",
+    "BootFiles",
     "Machine",
     "create_overlay",
     "disk_format",
@@ -128,30 +129,75 @@ def create_overlay(base: Path, overlay: Path) -> None:
 
 def _machine_args(qemu: QemuConfig) -> list[str]:
     memory_mib = qemu.memory >> 20
-    return [
-        "-M",
-        qemu.machine,
-        "-cpu",
-        qemu.cpu,
-        "-m",
-        f"{memory_mib}M",
-        "-smp",
-        str(qemu.smp),
-    ]
+    args = ["-M", qemu.machine]
+    # Machines modelled on one SoC fix their CPU and CPU count (raspi3b rejects
+    # -smp 1), so the board file may leave either out.
+    if qemu.cpu is not None:
+        args += ["-cpu", qemu.cpu]
+    args += ["-m", f"{memory_mib}M"]
+    if qemu.smp is not None:
+        args += ["-smp", str(qemu.smp)]
+    return args
 
 
-# Firmware kind → the QEMU option that loads it.
-_FIRMWARE_OPTIONS = {"u-boot": "-bios"}
+@dataclass(frozen=True)
+class BootFiles:
+    """What QEMU loads into the machine besides its disks.
+
+    Attributes:
+        firmware: the boot loader image; None means the board file's host path.
+        kernel: a kernel for direct boot (``-kernel``), on boards without U-Boot.
+        initrd: its initramfs (``-initrd``).
+        dtb: its device tree (``-dtb``).
+        append: its command line (``-append``).
+    """
+
+    firmware: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    dtb: Path | None = None
+    append: str = ""
 
 
-def _firmware_args(firmware: FirmwareConfig) -> list[str]:
-    return [_FIRMWARE_OPTIONS[firmware.kind], str(firmware.path)]
+# Firmware load key → the QEMU option that loads the image.
+_FIRMWARE_OPTIONS = {"bios": "-bios", "kernel": "-kernel"}
 
 
-def _console_args() -> list[str]:
+def _firmware_args(firmware: FirmwareConfig, boot: BootFiles) -> list[str]:
+    if not firmware.is_u_boot:
+        return _direct_boot_args(boot)
+    path = boot.firmware or firmware.path
+    if path is None:
+        raise ConfigError(f"no firmware image for {firmware.package}")
+    return [_FIRMWARE_OPTIONS[firmware.load], str(path)]
+
+
+def _direct_boot_args(boot: BootFiles) -> list[str]:
+    """Return -kernel, -initrd, -dtb and -append for a board without a boot loader."""
+    if boot.kernel is None:
+        raise ConfigError("a board without firmware needs a kernel to boot directly")
+    args = ["-kernel", str(boot.kernel)]
+    if boot.initrd is not None:
+        args += ["-initrd", str(boot.initrd)]
+    if boot.dtb is not None:
+        args += ["-dtb", str(boot.dtb)]
+    if boot.append:
+        args += ["-append", boot.append]
+    return args
+
+
+def _console_args(serial_port: int = 0) -> list[str]:
     # The serial port on stdio, with signal=off so that a Ctrl-C sent to the
-    # console reaches the guest instead of ending QEMU.
-    return ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
+    # console reaches the guest instead of ending QEMU. Ports before the
+    # console's get null (raspi3b's first UART belongs to Bluetooth in Linux).
+    args = ["-serial", "null"] * serial_port
+    return [
+        "-chardev",
+        "stdio,id=console,signal=off",
+        *args,
+        "-serial",
+        "chardev:console",
+    ]
 
 
 def _isolation_args() -> list[str]:
@@ -208,27 +254,90 @@ def _blockdev_args(device: str, disk: BlockdevDisk) -> list[str]:
     return [*args, "-device", f"{device},drive={disk.top}{properties}"]
 
 
+def _sd_drive_args(index: int, disk: Path | BlockdevDisk) -> list[str]:
+    """Return the options of an SD card in the SoC's card slot ``index``."""
+    if isinstance(disk, BlockdevDisk):
+        raise ConfigError(
+            "an SD card slot (-drive if=sd) takes an image file, not a -blockdev graph"
+        )
+    return ["-drive", f"if=sd,index={index},file={disk},format={disk_format(disk)}"]
+
+
+def _sdhci_pci_args(disk: Path | BlockdevDisk) -> list[str]:
+    """Return the options of an SD card on a PCI SDHCI controller (virt)."""
+    if isinstance(disk, BlockdevDisk):
+        return [
+            *[arg for node in disk.nodes for arg in ("-blockdev", node)],
+            "-device",
+            "sdhci-pci",
+            "-device",
+            f"sd-card,drive={disk.top}",
+        ]
+    return [
+        "-drive",
+        f"if=none,id=sdcard,file={disk},format={disk_format(disk)}",
+        "-device",
+        "sdhci-pci",
+        "-device",
+        "sd-card,drive=sdcard",
+    ]
+
+
+def _storage_args(board: Board, disks: Sequence[Path | BlockdevDisk]) -> list[str]:
+    """Return the options of the board's disk (first) and its transfer disk."""
+    storage = board.storage
+    if storage.interface == "virtio" and storage.transfer.interface == "virtio":
+        return _disk_args("virtio", disks)
+    args: list[str] = []
+    if disks:
+        if storage.interface == "sd":
+            args += _sd_drive_args(storage.sd_index, disks[0])
+        elif storage.interface == "sdhci-pci":
+            args += _sdhci_pci_args(disks[0])
+        else:
+            args += _disk_args(storage.interface, disks[:1])
+    for disk in disks[1:2]:
+        if storage.transfer.interface == "partition":
+            # Payloads go into a partition of the first disk instead.
+            continue
+        if storage.transfer.interface == "sd":
+            args += _sd_drive_args(storage.transfer.index, disk)
+        else:
+            args += _disk_args("virtio", [disk])
+    if len(disks) > 2:
+        raise ConfigError(
+            f"board {board.name} takes two disks (storage and transfer), "
+            f"got {len(disks)}"
+        )
+    return args
+
+
 def qemu_command(
     board: Board,
     disks: Sequence[Path | BlockdevDisk],
     qmp_socket: Path,
     extra_args: Sequence[str] = (),
+    *,
+    boot: BootFiles | None = None,
 ) -> list[str]:
     """Return the QEMU command line for ``board`` with ``disks`` attached.
 
-    The board's ``qemu.extra_args`` and then ``extra_args`` come last.
+    ``boot`` gives the firmware image when it is not the board file's host path,
+    and the kernel, initramfs, device tree and command line of boards without
+    U-Boot. The board's ``qemu.extra_args`` and then ``extra_args`` come last.
 
     Raises:
-        ConfigError: a disk image cannot be read.
+        ConfigError: a disk image cannot be read, or a board without U-Boot has no
+            kernel in ``boot``.
     """
     return [
         board.qemu.binary,
         *_machine_args(board.qemu),
-        *_firmware_args(board.firmware),
-        *_console_args(),
+        *_firmware_args(board.firmware, boot or BootFiles()),
+        *_console_args(board.console.serial_port),
         *_isolation_args(),
         *_qmp_args(qmp_socket),
-        *_disk_args(board.storage.interface, disks),
+        *_storage_args(board, disks),
         *board.qemu.extra_args,
         *extra_args,
     ]
@@ -394,8 +503,11 @@ class Machine:
         extra_args: Sequence[str] = (),
         aborts: Sequence[AbortPattern] = DEFAULT_ABORTS,
         launch_timeout: float = 10.0,
+        boot: BootFiles | None = None,
     ) -> None:
         """Describe the machine. Nothing starts before ``start()``.
+
+        ``boot`` gives the files QEMU loads besides the disks (see ``BootFiles``).
 
         ``workdir`` receives ``console.log``, the serial transcript, which each
         start appends to, and ``qemu-stderr.log``, which each start overwrites.
@@ -410,6 +522,7 @@ class Machine:
         self.name = name
         self.extra_args = list(extra_args)
         self.launch_timeout = launch_timeout
+        self.boot = boot
         self.command: list[str] = []
         self._aborts = tuple(aborts)
         self._given_workdir = workdir
@@ -488,7 +601,11 @@ class Machine:
         # short directory rather than one under a deep test directory.
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="mbl-sim-qmp-"))
         self.command = qemu_command(
-            self.board, self.disks, self._runtime_dir / "qmp.sock", self.extra_args
+            self.board,
+            self.disks,
+            self._runtime_dir / "qmp.sock",
+            self.extra_args,
+            boot=self.boot,
         )
 
     def _launch(self) -> None:

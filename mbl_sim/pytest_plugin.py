@@ -13,6 +13,7 @@ Fixtures:
     device         a Device booted to its shell, powered off after the test
     device_factory make more devices, or devices left powered off
     rootfs_payload build (or reuse) a root filesystem payload with a change
+    app_payload    build an application payload from ``ShellApp`` packages
 
 Tests that boot QEMU carry the ``qemu`` marker. They are skipped, with the reason,
 when the host lacks QEMU or the board's firmware.
@@ -33,6 +34,7 @@ from mbl_sim.device import Device
 from mbl_sim.errors import ConfigError, MblSimError
 from mbl_sim.images.cache import default_cache_dir
 from mbl_sim.images.recipe import DeviceImages, ImageBuilder
+from mbl_sim.ipk import IpkFormat, ShellApp, build_shell_app_payload
 from mbl_sim.payloads import RootfsChange, cached_rootfs_payload
 
 _FAILED_KEY = pytest.StashKey[bool]()
@@ -184,5 +186,20 @@ def rootfs_payload(device_images: DeviceImages) -> Callable[..., Path]:
             version=version, files=files or {}, modes=modes or {}, remove=remove
         )
         return cached_rootfs_payload(device_images.rootfs, default_cache_dir(), change)
+
+    return build
+
+
+@pytest.fixture
+def app_payload(tmp_path: Path) -> Callable[..., Path]:
+    """Return ``build(*apps, package_format=None) -> Path``: an application payload
+    of the `mbl_sim.ipk.ShellApp` packages ``apps``, in the test's directory."""
+    count = 0
+
+    def build(*apps: ShellApp, package_format: IpkFormat | None = None) -> Path:
+        nonlocal count
+        count += 1
+        output = tmp_path / "app-payloads" / f"apps-{count}.tar"
+        return build_shell_app_payload(apps, output, package_format)
 
     return build

@@ -19,6 +19,7 @@ from mbl_sim.device import Device
 from mbl_sim.errors import ConfigError, MblSimError, UpdateFailedError
 from mbl_sim.images.cache import default_cache_dir
 from mbl_sim.images.recipe import DeviceImages
+from mbl_sim.ipk import ShellApp, build_shell_app_payload
 from mbl_sim.payloads import RootfsChange, cached_rootfs_payload
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,88 @@ def rootfs_a_b_a(context: ScenarioContext) -> None:
     _rootfs_update(context, "3.0.0", "a")
 
 
+# Application scenarios use two small shell applications. Each must keep running for
+# one second after it starts (App-Health-Window) for its start to count.
+_APP_SCRIPT = (
+    'echo "$MBL_APP_NAME $MBL_APP_VERSION started"; while :; do sleep 10; done'
+)
+_FAILING_SCRIPT = 'echo "$MBL_APP_NAME: cannot open /dev/sensor" >&2; exit 3'
+
+
+def _shell_app(name: str, version: str, script: str = _APP_SCRIPT) -> ShellApp:
+    return ShellApp(name, version, script, health_window=1.0, stop_timeout=2.0)
+
+
+def _install_apps(
+    context: ScenarioContext, apps: Sequence[ShellApp], failing: str | None = None
+) -> None:
+    """Build a payload of ``apps`` and install it; with ``failing``, expect the
+    update to fail and the error to name that application."""
+    device = context.device
+    label = ", ".join(f"{app.name} {app.version}" for app in apps)
+    with context.step(f"build application payload: {label}"):
+        names = "-".join(f"{app.name}-{app.version}" for app in apps)
+        output = device.workdir / "payloads" / f"{names}.tar"
+        payload = build_shell_app_payload(apps, output)
+    if failing is None:
+        with context.step(f"install {label}"):
+            result = device.install_apps(payload)
+            context.expect(
+                f"exit status of mbl-update install ({result.output})",
+                result.exit_status,
+                0,
+            )
+        return
+    with context.step(f"install {label}: {failing} fails, the update is rolled back"):
+        result = device.install_apps(payload)
+        context.expect("mbl-update install fails", result.exit_status != 0, True)
+        context.expect(
+            f"error names app {failing}",
+            f"app {failing}" in result.output and "failed to start" in result.output,
+            True,
+        )
+
+
+def _check_apps(context: ScenarioContext, versions: dict[str, str]) -> None:
+    label = ", ".join(f"{name} {version}" for name, version in versions.items())
+    with context.step(f"check running: {label}"):
+        apps = context.device.apps()
+        for name, version in versions.items():
+            app = apps.get(name, {})
+            context.expect(f"version of app {name}", app.get("version"), version)
+            context.expect(f"state of app {name}", app.get("state"), "running")
+
+
+def apps_install(context: ScenarioContext) -> None:
+    """Install two applications in one payload; both run."""
+    _install_apps(context, [_shell_app("hello", "1.0.0"), _shell_app("world", "1.0.0")])
+    _check_apps(context, {"hello": "1.0.0", "world": "1.0.0"})
+
+
+def apps_upgrade(context: ScenarioContext) -> None:
+    """Install two applications at 1.0.0, then upgrade both to 2.0.0 in one payload."""
+    _install_apps(context, [_shell_app("hello", "1.0.0"), _shell_app("world", "1.0.0")])
+    _install_apps(context, [_shell_app("hello", "2.0.0"), _shell_app("world", "2.0.0")])
+    _check_apps(context, {"hello": "2.0.0", "world": "2.0.0"})
+
+
+def apps_rollback(context: ScenarioContext) -> None:
+    """Upgrade two applications; the second exits at start, so both return to 1.0.0."""
+    _install_apps(context, [_shell_app("hello", "1.0.0"), _shell_app("world", "1.0.0")])
+    broken = _shell_app("world", "2.0.0", _FAILING_SCRIPT)
+    _install_apps(
+        context, [_shell_app("hello", "2.0.0"), broken], failing="world 2.0.0"
+    )
+    _check_apps(context, {"hello": "1.0.0", "world": "1.0.0"})
+
+
 SCENARIOS: dict[str, Callable[[ScenarioContext], None]] = {
     "rootfs-a-b-a": rootfs_a_b_a,
+    "apps-install": apps_install,
+    "apps-upgrade": apps_upgrade,
+    "apps-rollback": apps_rollback,
 }
-DEFAULT_SCENARIOS = ("rootfs-a-b-a",)
+DEFAULT_SCENARIOS = ("rootfs-a-b-a", "apps-install", "apps-upgrade", "apps-rollback")
 
 
 def scenario_names() -> list[str]:

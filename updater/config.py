@@ -1,6 +1,6 @@
 """Load the device configuration /etc/mbl/device.json that the image build writes.
 
-Schema (all keys required)::
+Schema (all keys required, except the boot state keys noted)::
 
     {
       "board": "qemu-virt-a53",                      # non-empty string
@@ -11,6 +11,12 @@ Schema (all keys required)::
     }
 
 ``fw_env_config`` names libubootenv's configuration file (see `updater.bootenv`).
+
+Boards without U-Boot keep the boot state in flag files instead (see
+`updater.flagfile`) and say so with two more keys, in place of ``fw_env_config``::
+
+      "boot_state": "flag-files",                      # default "u-boot-env"
+      "flag_dir": "/mnt/flags"                         # absolute path
 
 Unknown keys are logged and ignored, so a newer image build can add keys without
 breaking an older updater.
@@ -32,7 +38,17 @@ DEFAULT_CONFIG_PATH = "/etc/mbl/device.json"
 
 SLOT_NAMES = ("a", "b")
 
-_KNOWN_KEYS = ("board", "slots", "scratch_dir", "fw_env_config", "bootlimit")
+_KNOWN_KEYS = (
+    "board",
+    "slots",
+    "scratch_dir",
+    "fw_env_config",
+    "bootlimit",
+    "boot_state",
+    "flag_dir",
+)
+
+BOOT_STATES = ("u-boot-env", "flag-files")
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,8 @@ class DeviceConfig:
         fw_env_config: path of libubootenv's fw_env.config.
         bootlimit: boots allowed on trial before U-Boot rolls back.
         source: the file the configuration was loaded from.
+        boot_state: where the boot state lives, ``u-boot-env`` or ``flag-files``.
+        flag_dir: directory of the flag files; "" with ``u-boot-env``.
     """
 
     board: str
@@ -54,6 +72,8 @@ class DeviceConfig:
     fw_env_config: str
     bootlimit: int
     source: str
+    boot_state: str = "u-boot-env"
+    flag_dir: str = ""
 
     def slot_device(self, slot: str) -> str:
         """Return the block device of ``slot``.
@@ -102,13 +122,24 @@ def parse_config(document: Any, source: str) -> DeviceConfig:
         )
     for key in sorted(set(document) - set(_KNOWN_KEYS)):
         log.warning("%s: ignoring unknown key %r", source, key)
+    boot_state = document.get("boot_state", BOOT_STATES[0])
+    if boot_state not in BOOT_STATES:
+        raise ConfigError(
+            f"{source}: key 'boot_state' must be one of {', '.join(BOOT_STATES)},"
+            f" got {boot_state!r}"
+        )
+    flag_files = boot_state == "flag-files"
     return DeviceConfig(
         board=_non_empty_string(document, "board", source),
         slots=_slots(document, source),
         scratch_dir=_absolute_path(document, "scratch_dir", source),
-        fw_env_config=_absolute_path(document, "fw_env_config", source),
+        fw_env_config=(
+            "" if flag_files else _absolute_path(document, "fw_env_config", source)
+        ),
         bootlimit=_bootlimit(document, source),
         source=source,
+        boot_state=boot_state,
+        flag_dir=_absolute_path(document, "flag_dir", source) if flag_files else "",
     )
 
 

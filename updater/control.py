@@ -345,6 +345,24 @@ def parse_relations(text: str) -> tuple[Dependency, ...]:
     return tuple(entries)
 
 
+def parse_provides(text: str) -> tuple[Relation, ...]:
+    """Parse a ``Provides`` field: names, each with an optional ``(= version)``.
+
+    Raises:
+        ValueError: an entry has alternatives, another operator, or is invalid.
+    """
+    provides = []
+    for entry in parse_relations(text):
+        relation = entry[0]
+        if len(entry) > 1 or relation.operator not in (None, "="):
+            raise ValueError(
+                f"invalid Provides entry {format_relations([entry])!r}: expected"
+                " 'name' or 'name (= version)'"
+            )
+        provides.append(relation)
+    return tuple(provides)
+
+
 def _parse_relation(text: str, field: str) -> Relation:
     match = _RELATION.fullmatch(text)
     if match is None:

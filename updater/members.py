@@ -188,7 +188,13 @@ def _check_symlink(member: tarfile.TarInfo) -> None:
 
 
 def _hard_link_target(member: tarfile.TarInfo, tree: Tree) -> tuple[str, EntryKind]:
-    target = normalize_member_name(member.linkname)
+    try:
+        target = normalize_member_name(member.linkname)
+    except UnsafeMemberError as error:
+        raise UnsafeMemberError(
+            f"hard link {member.name!r} points to {member.linkname!r}, which is not a"
+            f" safe path inside the new root: {error}"
+        ) from error
     kind = tree.get(target)
     if kind is None:
         raise UnsafeMemberError(

@@ -34,9 +34,11 @@ from typing import TypeVar
 from updater.control import (
     PACKAGE_NAME,
     Dependency,
+    Relation,
     Stanza,
     Version,
     format_stanza,
+    parse_provides,
     parse_relations,
     parse_stanzas,
     parse_version,
@@ -64,7 +66,7 @@ class InstalledPackage:
     version: Version
     architecture: str
     depends: tuple[Dependency, ...]
-    provides: tuple[str, ...]
+    provides: tuple[Relation, ...]
     stanza: Stanza
 
 
@@ -88,8 +90,10 @@ class StatusDatabase:
     issues: tuple[DatabaseIssue, ...]
 
 
-def load_status(path: str) -> StatusDatabase:
+def load_status(path: str, *, warn: bool = True) -> StatusDatabase:
     """Read the database at ``path``; a missing file is an empty database.
+
+    With ``warn``, each issue is logged as a warning.
 
     Raises:
         AppError: the file exists but cannot be read.
@@ -102,7 +106,7 @@ def load_status(path: str) -> StatusDatabase:
     except OSError as exc:
         raise AppError(f"cannot read the application database {path}: {exc}") from exc
     database = parse_status(text, path)
-    for issue in database.issues:
+    for issue in database.issues if warn else ():
         log.warning("%s: %s", path, issue)
     return database
 
@@ -118,8 +122,8 @@ def parse_status(text: str, source: str) -> StatusDatabase:
     for stanza in stanzas:
         try:
             package = package_from_stanza(stanza)
-        except ValueError as exc:
-            issues.append(DatabaseIssue(stanza.line, f"{exc}; stanza ignored"))
+        except EntryError as exc:
+            issues.append(DatabaseIssue(exc.line, f"{exc}; stanza ignored"))
             continue
         if package is None:
             status = stanza.get("Status")
@@ -151,26 +155,24 @@ def package_from_stanza(stanza: Stanza) -> InstalledPackage | None:
     ``Status`` says it is not installed.
 
     Raises:
-        ValueError: ``Package``, ``Version`` or ``Status`` is missing or empty, or a
-            value is invalid. The message starts with the line number.
+        EntryError: ``Package``, ``Version`` or ``Status`` is missing or empty, or a
+            value is invalid.
     """
     name = _required(stanza, "Package")
     if not PACKAGE_NAME.fullmatch(name):
-        raise ValueError(
-            f"line {_line(stanza, 'Package')}: invalid package name {name!r}"
-        )
+        raise EntryError(_line(stanza, "Package"), f"invalid package name {name!r}")
     version = _parsed(stanza, "Version", parse_version)
     status = _required(stanza, "Status")
     if " ".join(status.split()) != STATUS_INSTALLED:
         return None
     depends = _parsed(stanza, "Depends", parse_relations, "")
-    provides = tuple(item.strip() for item in (stanza.get("Provides") or "").split(","))
+    provides = _parsed(stanza, "Provides", parse_provides, "")
     return InstalledPackage(
         name=name,
         version=version,
         architecture=stanza.get("Architecture") or "",
         depends=depends,
-        provides=tuple(item for item in provides if item),
+        provides=provides,
         stanza=stanza,
     )
 
@@ -224,6 +226,17 @@ def write_status(path: str, packages: Iterable[InstalledPackage]) -> None:
     log.info("wrote %s: %d packages", path, len(ordered))
 
 
+class EntryError(ValueError):
+    """A stanza that is not a valid database entry; ``line`` is where the problem is.
+
+    The message starts with ``line N:``.
+    """
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+
+
 def _line(stanza: Stanza, name: str) -> int:
     field = stanza.field(name)
     return stanza.line if field is None else field.line
@@ -232,9 +245,9 @@ def _line(stanza: Stanza, name: str) -> int:
 def _required(stanza: Stanza, name: str) -> str:
     value = stanza.get(name)
     if value is None:
-        raise ValueError(f"line {stanza.line}: stanza has no {name} field")
+        raise EntryError(stanza.line, f"stanza has no {name} field")
     if not value:
-        raise ValueError(f"line {_line(stanza, name)}: field {name} is empty")
+        raise EntryError(_line(stanza, name), f"field {name} is empty")
     return value
 
 
@@ -243,8 +256,8 @@ def _parsed(
 ) -> _T:
     value = stanza.get(name, default)
     if value is None:
-        raise ValueError(f"line {stanza.line}: stanza has no {name} field")
+        raise EntryError(stanza.line, f"stanza has no {name} field")
     try:
         return parse(value)
     except ValueError as exc:
-        raise ValueError(f"line {_line(stanza, name)}: {exc}") from None
+        raise EntryError(_line(stanza, name), str(exc)) from None

@@ -5,6 +5,11 @@ is read from /proc/cmdline. The environment variables of the boot policy are
 ``active_slot``, ``previous_slot``, ``upgrade_available``, ``bootcount`` and
 ``bootlimit`` (see docs/design.md). Every change to them is one environment write,
 so a power cut leaves either the old or the new set of values.
+
+Boards without U-Boot keep the same state in flag files (`updater.flagfile`).
+``boot_store`` returns the store that device.json names, and ``flip_to``,
+``mark_good``, ``read_status``, ``read_boot_variables`` and ``store_running_slot``
+take either kind.
 """
 
 from __future__ import annotations
@@ -13,8 +18,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from updater.bootenv import BootEnv, EnvLocation, read_env, update_env
-from updater.config import SLOT_NAMES
+from updater import flagfile
+from updater.bootenv import (
+    BootEnv,
+    EnvLocation,
+    load_fw_env_config,
+    read_env,
+    update_env,
+)
+from updater.config import SLOT_NAMES, DeviceConfig
 from updater.errors import SlotError
 
 log = logging.getLogger(__name__)
@@ -31,6 +43,42 @@ ROLLED_BACK_FROM = "rolled_back_from"
 
 FILESYSTEM_LABELS = {"a": "rootfs1", "b": "rootfs2"}
 """ext4 label of each slot's filesystem: the slot's partition name in the GPT."""
+
+BootStore = Sequence[EnvLocation] | flagfile.FlagFiles
+"""Where the boot state lives: the two environment copies, or the flag files."""
+
+
+def boot_store(config: DeviceConfig) -> BootStore:
+    """Return the boot state store that ``config`` names.
+
+    Raises:
+        ConfigError: fw_env.config cannot be read or is invalid.
+    """
+    if config.boot_state == "flag-files":
+        return flagfile.FlagFiles(config.flag_dir, config.slots, config.bootlimit)
+    return load_fw_env_config(config.fw_env_config)
+
+
+def read_boot_variables(store: BootStore) -> dict[str, str]:
+    """Return the boot policy variables of either store.
+
+    Raises:
+        BootEnvError, SlotError: the state cannot be read.
+    """
+    if isinstance(store, flagfile.FlagFiles):
+        return flagfile.read_flags(store).variables
+    return dict(read_env(store).variables)
+
+
+def store_running_slot(store: BootStore, cmdline_path: str = PROC_CMDLINE) -> str:
+    """Return the running slot: ``mbl.slot=`` with U-Boot, the root device else.
+
+    Raises:
+        SlotError: the running slot is unknown.
+    """
+    if isinstance(store, flagfile.FlagFiles):
+        return flagfile.running_slot(store)
+    return read_running_slot(cmdline_path)
 
 
 @dataclass(frozen=True)
@@ -53,6 +101,8 @@ class SlotStatus:
         env_flag: flag byte of the current copy.
         other_copy_error: why the other copy is invalid, or None if it is valid.
         environment: all variables of the current copy.
+        store: ``u-boot-env``, or ``flag-files``, where the environment fields
+            describe the flag directory and ``environment`` the flags as variables.
     """
 
     running_slot: str | None
@@ -67,6 +117,7 @@ class SlotStatus:
     env_flag: int
     other_copy_error: str | None
     environment: dict[str, str]
+    store: str = "u-boot-env"
 
 
 def parse_running_slot(cmdline: str, source: str = PROC_CMDLINE) -> str:
@@ -116,7 +167,9 @@ def other_slot(slot: str) -> str:
     return SLOT_NAMES[1 - SLOT_NAMES.index(slot)]
 
 
-def flip_to(locations: Sequence[EnvLocation], slot: str, previous: str) -> BootEnv:
+def flip_to(
+    locations: BootStore, slot: str, previous: str
+) -> BootEnv | flagfile.FlagState:
     """Make ``slot`` the active slot on trial, with ``previous`` as the fallback.
 
     Sets ``active_slot``, ``previous_slot``, ``upgrade_available=1`` and
@@ -127,6 +180,8 @@ def flip_to(locations: Sequence[EnvLocation], slot: str, previous: str) -> BootE
         BootEnvCorruptError: both environment copies are invalid; nothing is written.
         BootEnvError: the write failed.
     """
+    if isinstance(locations, flagfile.FlagFiles):
+        return flagfile.flip_to(locations, slot, previous)
     _check_slot(slot, "new active slot")
     _check_slot(previous, "previous slot")
     if slot == previous:
@@ -148,7 +203,7 @@ def flip_to(locations: Sequence[EnvLocation], slot: str, previous: str) -> BootE
     return env
 
 
-def mark_good(locations: Sequence[EnvLocation], running_slot: str) -> BootEnv:
+def mark_good(locations: BootStore, running_slot: str) -> BootEnv | flagfile.FlagState:
     """End the trial of the running slot: set ``upgrade_available=0``, ``bootcount=0``.
 
     Both go out in one write. Nothing is written when both already have these
@@ -161,6 +216,8 @@ def mark_good(locations: Sequence[EnvLocation], running_slot: str) -> BootEnv:
         BootEnvCorruptError: both environment copies are invalid; nothing is written.
         BootEnvError: the write failed.
     """
+    if isinstance(locations, flagfile.FlagFiles):
+        return flagfile.mark_good(locations, running_slot)
     current = read_env(locations)
     active = current.variables.get(ACTIVE_SLOT)
     if active != running_slot:
@@ -179,9 +236,7 @@ def mark_good(locations: Sequence[EnvLocation], running_slot: str) -> BootEnv:
     return env
 
 
-def read_status(
-    locations: Sequence[EnvLocation], cmdline_path: str = PROC_CMDLINE
-) -> SlotStatus:
+def read_status(locations: BootStore, cmdline_path: str = PROC_CMDLINE) -> SlotStatus:
     """Collect the running slot and the boot policy variables.
 
     A missing or invalid ``mbl.slot`` is logged and reported as None.
@@ -190,6 +245,8 @@ def read_status(
         BootEnvCorruptError: both environment copies are invalid.
         BootEnvError: the environment cannot be read.
     """
+    if isinstance(locations, flagfile.FlagFiles):
+        return _flag_status(locations)
     env = read_env(locations)
     try:
         running: str | None = read_running_slot(cmdline_path)
@@ -210,6 +267,33 @@ def read_status(
         env_flag=env.flag,
         other_copy_error=env.other_copy_error,
         environment=dict(variables),
+    )
+
+
+def _flag_status(flags: flagfile.FlagFiles) -> SlotStatus:
+    """Return the status of flag files, with the environment fields describing the
+    flag directory: copy 1, flag 0, no other copy."""
+    state = flagfile.read_flags(flags)
+    try:
+        running: str | None = flagfile.running_slot(flags)
+    except SlotError as exc:
+        log.warning("%s", exc)
+        running = None
+    variables = state.variables
+    return SlotStatus(
+        running_slot=running,
+        active_slot=variables.get(ACTIVE_SLOT),
+        previous_slot=variables.get(PREVIOUS_SLOT),
+        upgrade_available=variables.get(UPGRADE_AVAILABLE),
+        bootcount=variables.get(BOOTCOUNT),
+        bootlimit=variables.get(BOOTLIMIT),
+        rolled_back_from=variables.get(ROLLED_BACK_FROM),
+        env_copy=1,
+        env_location=EnvLocation(flags.directory, 0, 0),
+        env_flag=0,
+        other_copy_error=None,
+        environment=variables,
+        store="flag-files",
     )
 
 

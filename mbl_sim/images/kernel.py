@@ -7,6 +7,7 @@ that the initramfs carries.
 
 from __future__ import annotations
 
+import gzip
 import re
 import shutil
 from dataclasses import dataclass
@@ -29,6 +30,41 @@ class KernelTree:
 
     def image(self) -> Path:
         return self.root / "boot" / f"vmlinuz-{self.release}"
+
+    def device_tree(self, relative: str) -> Path:
+        """Return the path of a ``.dtb`` that the package ships.
+
+        Debian's kernel packages keep their device trees in
+        ``usr/lib/linux-image-RELEASE/``, arm64 ones in vendor subdirectories
+        (``broadcom/bcm2837-rpi-3-b.dtb``).
+
+        Raises:
+            BuildError: the package has no such file; the message lists close names.
+        """
+        directory = self.root / "usr" / "lib" / f"linux-image-{self.release}"
+        path = directory / relative
+        if path.is_file():
+            return path
+        name = Path(relative).name
+        stem = name.split("-")[0]
+        similar = sorted(
+            str(p.relative_to(directory)) for p in directory.rglob(f"{stem}*.dtb")
+        )
+        raise BuildError(
+            f"kernel {self.release} ships no device tree {relative!r} under "
+            f"{directory.relative_to(self.root)}; check device_tree.file in the board "
+            f"file (similar names: {', '.join(similar[:10]) or 'none'})"
+        )
+
+
+def write_boot_image(tree: KernelTree, output: Path, compression: str) -> None:
+    """Copy the kernel image to ``output``, gzip-compressed when ``compression`` is
+    ``gzip`` (for U-Boot's ``unzip``)."""
+    if compression == "gzip":
+        with tree.image().open("rb") as source, gzip.open(output, "wb", 9) as target:
+            shutil.copyfileobj(source, target)
+        return
+    shutil.copy2(tree.image(), output)
 
 
 def unpack_kernel(deb: Path, destination: Path) -> KernelTree:
@@ -66,11 +102,19 @@ def _read_dependencies(tree: KernelTree) -> dict[str, tuple[str, list[str]]]:
 
 
 def _read_aliases(tree: KernelTree) -> dict[str, str]:
+    """Map each alias to one module that provides it.
+
+    Of several providers the portable ``*_generic`` one wins: armhf's ``crc32c``
+    alias also names crc32_arm_ce, which fails to load on CPUs without the
+    crypto extensions (Cortex-A15, Cortex-A7).
+    """
     aliases: dict[str, str] = {}
     for line in (tree.modules_dir / "modules.alias").read_text().splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "alias":
-            aliases.setdefault(parts[1], parts[2].replace("-", "_"))
+            module = parts[2].replace("-", "_")
+            if parts[1] not in aliases or module.endswith("_generic"):
+                aliases[parts[1]] = module
     return aliases
 
 

@@ -172,6 +172,10 @@ def test_layout_device_names_with_prefix(tmp_path: Path) -> None:
     def mmc(data: dict[str, Any]) -> None:
         data["storage"]["guest_disk"] = "/dev/mmcblk0"
         data["storage"]["partition_prefix"] = "p"
+        data["storage"]["transfer"] = {
+            "interface": "virtio",
+            "guest_disk": "/dev/vda",
+        }
 
     board = load_changed(tmp_path, mmc)
 
@@ -312,10 +316,10 @@ ERROR_CASES = [
         id="console-device",
     ),
     pytest.param(
-        set_key("storage.interface", "sd"),
+        set_key("storage.interface", "usb"),
         "storage.interface",
-        "sd",
-        "one of 'virtio'",
+        "usb",
+        "one of 'virtio', 'sd', 'sdhci-pci'",
         id="storage-interface",
     ),
     pytest.param(

@@ -172,7 +172,7 @@ def test_install_from_slot_b_targets_a(device: Device) -> None:
         ({}, "has no members"),
         ({"rootfs.tar.xz": b"x", "extra.txt": b"x"}, "'extra.txt' is not expected"),
         ({"rootfs.tar.xz": b"x", "app.ipk": b"x"}, "contains both"),
-        ({"app.ipk": b"x"}, "application updates are not supported yet"),
+        ({"app.ipk": b"x"}, "app.ipk is not a valid .ipk"),
     ],
 )
 def test_install_rejected_before_changes(
