@@ -52,7 +52,7 @@ def bench_app(version: str, blob: bytes, health_window: float) -> ShellApp:
 
 
 def data_tar_gz(app: ShellApp, output: Path) -> Path:
-    """Write the app's files as a gzip-compressed tar, as its data.tar.gz holds them."""
+    """Write the app's files as a gzip-compressed tar, like its data.tar.gz."""
     with tempfile.TemporaryDirectory(prefix="mbl-bench-data-") as scratch:
         tree = app.write_tree(Path(scratch))
         buffer = io.BytesIO()
@@ -69,6 +69,32 @@ def timed(device: Device, command: str) -> float:
     started = time.monotonic()
     device.run(command, timeout=900, check=True)
     return time.monotonic() - started
+
+
+def measure(
+    device: Device, payloads: list[Path], data: Path
+) -> tuple[list[float], list[float]]:
+    """Install ``payloads[0]``, then alternate a bare extract of ``data`` plus a
+    start, and an update to the next payload. Return both lists of seconds."""
+    device.install_apps(payloads[0]).check()
+    data_on_device = device.deliver(data)
+    updates = []
+    baselines = []
+    for payload in payloads[1:]:
+        on_device = device.deliver(payload)
+        baselines.append(
+            timed(
+                device,
+                f"mkdir /home/bench && tar -xzf {data_on_device} -C /home/bench"
+                " && (setsid /home/bench/bin/bench </dev/null >/dev/null 2>&1 &)",
+            )
+        )
+        device.run("pkill -f /home/bench/bin/bench; rm -rf /home/bench")
+        updates.append(timed(device, f"mbl-update install {on_device}"))
+        state = device.app_state("bench")
+        if state != "running":
+            raise SystemExit(f"the benchmark app is {state} after an update")
+    return updates, baselines
 
 
 def main() -> None:
@@ -88,6 +114,7 @@ def main() -> None:
         bench_app(f"{number}.0.0", blob, args.health_window)
         for number in range(1, args.rounds + 2)
     ]
+
     with tempfile.TemporaryDirectory(prefix="mbl-bench-") as scratch:
         workdir = Path(scratch)
         payloads = [
@@ -95,29 +122,12 @@ def main() -> None:
             for app in apps
         ]
         data = data_tar_gz(apps[-1], workdir / "data.tar.gz")
-        updates = []
-        baselines = []
         with Device(images, workdir / "device") as device:
             device.power_on()
             round_trip = timed(device, "true")
-            device.install_apps(payloads[0]).check()
-            data_on_device = device.deliver(data)
-            for payload in payloads[1:]:
-                on_device = device.deliver(payload)
-                baselines.append(
-                    timed(
-                        device,
-                        f"mkdir /home/bench && tar -xzf {data_on_device} -C"
-                        " /home/bench && (setsid /home/bench/bin/bench </dev/null"
-                        " >/dev/null 2>&1 &)",
-                    )
-                )
-                device.run("pkill -f /home/bench/bin/bench; rm -rf /home/bench")
-                updates.append(timed(device, f"mbl-update install {on_device}"))
-                state = device.app_state("bench")
-                if state != "running":
-                    raise SystemExit(f"the benchmark app is {state} after an update")
+            updates, baselines = measure(device, payloads, data)
         payload_size = payloads[-1].stat().st_size
+
     update = statistics.median(updates)
     baseline = statistics.median(baselines)
     window = args.health_window
@@ -135,8 +145,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(
         f"| application update, 5 MiB app (median of {args.rounds}, health window"
-        f" {window:g} s) | {update:.2f} s"
-        f" | {baseline:.2f} s (tar -xzf + start) | {update / baseline:.2f} | |"
+        f" {window:g} s) | {update:.2f} s | {baseline:.2f} s (tar -xzf + start)"
+        f" | {update / baseline:.2f} | |"
     )
     print(
         f"| same, without the health window | {update - window:.2f} s"

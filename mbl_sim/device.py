@@ -519,13 +519,14 @@ class Device:
         )
 
     def _mounted_slot(self) -> str:
-        root = self.check_output("mountpoint -d /").strip()
+        # The initramfs mounts the slot by its device name, which /proc/mounts shows.
+        mounts = self.check_output("cat /proc/mounts").splitlines()
+        roots = [line.split()[0] for line in mounts if line.split()[1:2] == ["/"]]
         layout = self.board.storage.layout
         for slot, name in (("a", "rootfs1"), ("b", "rootfs2")):
-            device = layout[name].device
-            if self.check_output(f"mountpoint -x {device}").strip() == root:
+            if layout[name].device in roots:
                 return slot
-        raise TargetError(f"the root filesystem ({root}) is on neither slot's device")
+        raise TargetError(f"the root filesystem ({roots}) is on neither slot's device")
 
     def env_digest(self) -> str:
         """Return the SHA-256 of both raw environment copies, read on the device."""
@@ -544,8 +545,8 @@ class Device:
     def install_apps(self, payload: Path, timeout: float = 300.0) -> CommandResult:
         """Deliver an application payload and run ``mbl-update install`` on it.
 
-        The updater does not reboot for applications. The result holds its exit
-        status and output; a failed update is not raised, so tests can check it.
+        The updater does not reboot for applications. The result contains its exit
+        status and output. A failed update is not raised, so tests can check it.
         """
         return self.install(payload, reboot=False, check=False, timeout=timeout)
 

@@ -16,7 +16,8 @@ A directory in opkg-build's layout (the control file in ``DIR/CONTROL/control`` 
 the application's files beside it) is built with `build_ipk_from_directory`.
 `ShellApp` writes a small ``/bin/sh`` application for tests and scenarios.
 
-All entries are owned by root (uid and gid 0) whoever builds the package.
+All entries are owned by root (uid and gid 0), also when a user without root
+privileges builds the package.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ COMPRESSIONS = ("gz", "xz")
 CONTROL_DIRECTORY = "CONTROL"
 
 _AR_MAGIC = b"!<arch>\n"
-# Longest name in a GNU ar header: 16 bytes including the terminating '/'.
+# Maximum member name length in a GNU ar header, which has 16 bytes for the name
+# and its terminating '/'.
 _AR_MAX_NAME = 15
 
 
 @dataclass(frozen=True)
 class IpkFormat:
-    """How a package is wrapped and compressed.
+    """Wrapper and compression of a package.
 
     Attributes:
         wrapper: ``ar`` (opkg-build, Yocto) or ``tar`` (gzip-compressed tar, OpenWrt).

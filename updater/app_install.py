@@ -7,13 +7,13 @@ install the new one, start it. To make that safe against failures and power cuts
 1. Check every package without writing anything: its wrapper and control file, the
    architecture, and every entry of its data (`updater.ipk`). Two packages of the
    same name are rejected.
-2. Take the lock, finish an interrupted update (`updater.apps.recover`), and check
-   that every dependency is provided by the payload, by an installed application
-   that the payload keeps, or by the root filesystem's package database (opkg's or
-   dpkg's, where the image has one). An installed application that would lose a
-   dependency also rejects the payload. Then check that all packages fit into the
-   free space of the applications partition together, because the running
-   versions stay on disk until the new ones run.
+2. Take the lock and finish an interrupted update (`updater.apps.recover`). Check
+   that the payload, the installed applications that the payload keeps, or the
+   root filesystem's package database (opkg's or dpkg's, where the image has one)
+   provide every dependency. An installed application that would lose a dependency
+   also rejects the payload. Then check that all packages fit into the free space
+   of the applications partition together, because the running versions stay on
+   disk until the new ones run.
 3. Stage: unpack each package into a new release directory beside the running one,
    then sync. The running applications are not touched.
 4. Write the journal with each application's previous and new release.
@@ -24,11 +24,13 @@ install the new one, start it. To make that safe against failures and power cuts
 7. Write the new database and remove the journal. Removing the journal is the
    commit point. Then delete the previous releases.
 
-If any of steps 3 to 7 fails, every application of the payload goes back: a new
-version that was started is stopped, ``current`` points at the previous release
-again (or is removed after a first install), the previous version is started, the
-new releases are deleted and the journal is removed. The error names the
-application that failed, the reason, and what was rolled back.
+If a step from 3 on fails before the journal is removed, every application of the
+payload goes back. A new version that was started is stopped, and ``current``
+points at the previous release again, or is removed after a first install. Then
+the previous version is started, the new releases are deleted and the journal is
+removed. The error names the application that failed, the reason, and what was
+rolled back. Failing to delete a previous release after the commit is only logged,
+because the next update or boot deletes it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ from updater.supervisor import STOPPED, Supervisor
 log = logging.getLogger(__name__)
 
 # Package databases of the root filesystem: their packages satisfy dependencies.
+# NOTE: the mbl-sim image unpacks its Debian packages without dpkg and has neither
+# file, so on it only applications satisfy dependencies.
 SYSTEM_DATABASES = ("/var/lib/opkg/status", "/var/lib/dpkg/status")
 
 Report = Callable[[str], None]
@@ -130,7 +134,7 @@ def install_apps(
 
     Raises:
         PackageError: a package is invalid, built for another architecture, has a
-            dependency nobody provides, or does not fit. Nothing was changed.
+            dependency that is not provided, or does not fit. Nothing was changed.
         AppError: staging, stopping, starting or the health window failed. Every
             application of the payload is back at its previous version.
     """
@@ -316,26 +320,25 @@ def _dependency_order(changes: Sequence[_Change]) -> list[_Change]:
     remaining = list(changes)
     ordered: list[_Change] = []
     while remaining:
-        names = {c.name for c in remaining} | {
-            p.name for c in remaining for p in c.control.provides
-        }
-        ready = next(
-            (
-                change
-                for change in remaining
-                if not any(
-                    relation.name in names
-                    and relation.name != change.name
-                    and relation.name not in {p.name for p in change.control.provides}
-                    for entry in change.control.depends
-                    for relation in entry
-                )
-            ),
-            remaining[0],
-        )
-        remaining.remove(ready)
-        ordered.append(ready)
+        ready = [change for change in remaining if not _waits(change, remaining)]
+        chosen = ready[0] if ready else remaining[0]
+        remaining.remove(chosen)
+        ordered.append(chosen)
     return ordered
+
+
+def _waits(change: _Change, remaining: Sequence[_Change]) -> bool:
+    """Return whether ``change`` depends on another application in ``remaining``."""
+    others: set[str] = set()
+    for other in remaining:
+        if other is not change:
+            others.add(other.name)
+            others.update(relation.name for relation in other.control.provides)
+    return any(
+        relation.name in others
+        for entry in change.control.depends
+        for relation in entry
+    )
 
 
 def _check_space(

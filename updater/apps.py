@@ -19,7 +19,7 @@ it points to is left over from an interrupted update and is deleted by
 working directory and with ``MBL_APP_NAME``, ``MBL_APP_VERSION`` and ``MBL_APP_DIR``
 in its environment.
 
-The database lists what is installed, and ``current`` says which release of it runs.
+The database lists what is installed, and ``current`` names the release that runs.
 The two agree except while an update runs. An update (`updater.app_install`) writes
 the journal before it changes the first ``current`` link and removes it after it
 wrote the new database. `recover`, run at boot before any application starts and
@@ -85,7 +85,7 @@ INDEPENDENT_ARCHITECTURES = ("all", "noarch")
 
 @dataclass(frozen=True)
 class AppPaths:
-    """Where applications, their database and their processes' state are kept."""
+    """Paths of the applications, their database and their processes' state."""
 
     root: str = APPS_ROOT
     supervisor: SupervisorPaths = field(default_factory=SupervisorPaths)
@@ -101,15 +101,15 @@ class AppPaths:
         return os.path.join(self.root, ".opkg", "transaction.json")
 
     def app_dir(self, name: str) -> str:
-        """The directory of application ``name``."""
+        """Return the directory of application ``name``."""
         return os.path.join(self.root, name)
 
     def current_link(self, name: str) -> str:
-        """The ``current`` link of application ``name``."""
+        """Return the ``current`` link of application ``name``."""
         return os.path.join(self.root, name, CURRENT)
 
     def release_dir(self, name: str, release: str) -> str:
-        """The directory of one release of application ``name``."""
+        """Return the directory of one release of application ``name``."""
         return os.path.join(self.root, name, release)
 
 

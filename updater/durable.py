@@ -27,7 +27,8 @@ def fsync_directory(path: str) -> None:
 
 def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
     """Replace the file ``path`` with ``data``: temporary file, fsync, rename, fsync
-    of the directory. A reader or a power cut sees the old file or the new one.
+    of the directory. Readers, and the filesystem after a power cut, find the old
+    file or the new one.
 
     Raises:
         OSError: writing, renaming or syncing failed. The temporary file is removed

@@ -12,11 +12,11 @@ tar. Member names may start with ``./`` in either wrapper. The inner tarballs ma
 compressed with gzip (``.tar.gz``), xz (``.tar.xz``) or bzip2 (``.tar.bz2``), or not
 at all (``.tar``). Members whose name starts with ``_`` are ignored, as dpkg does.
 
-The ``ar`` format is parsed here: an 8-byte magic ``!<arch>\\n``, then per member a
-60-byte header (name 16, mtime 12, uid 6, gid 6, mode 8, size 10, magic 2 bytes)
-and the data, padded with ``\\n`` to an even offset. GNU ``ar`` ends short names with
-``/`` and keeps long names in a ``//`` member. BSD ``ar`` writes ``#1/LENGTH`` and
-puts the name before the data.
+The ``ar`` format is parsed here. An archive starts with the 8-byte magic
+``!<arch>\\n``. Each member has a 60-byte header (name 16, mtime 12, uid 6, gid 6,
+mode 8, size 10, magic 2 bytes) followed by its data, padded with ``\\n`` to an even
+offset. GNU ``ar`` ends short names with ``/`` and keeps long names in a ``//``
+member. BSD ``ar`` writes ``#1/LENGTH`` and puts the name before the data.
 
 The data tarball is read twice. `IpkPackage.scan_data` checks every entry and counts
 the space it needs before anything is written. `IpkPackage.extract_data` then writes
@@ -155,7 +155,7 @@ class AppControl:
 
 @dataclass(frozen=True)
 class DataSummary:
-    """What the data tarball of a package contains and needs.
+    """Contents and space needs of the data tarball of a package.
 
     Attributes:
         members: tarball entries.
@@ -346,7 +346,7 @@ class _TarWrapper(_Wrapper):
         self._source = source
         try:
             # Open as long as the package is used. The caller owns and closes
-            # ``stream``, and the tarfile holds no other resource.
+            # ``stream``, and the tarfile has no other resource to release.
             self._archive = tarfile.open(fileobj=stream, mode="r:gz")  # noqa: SIM115
             infos = self._archive.getmembers()
         except _READ_ERRORS as exc:
@@ -442,27 +442,31 @@ def _parse_ar_header(
     except UnicodeDecodeError:
         raise PackageError(f"{where} has a name that is not ASCII") from None
     data_offset = position + _AR_HEADER_SIZE
+
     if raw_name.startswith("#1/") and raw_name[3:].isdigit():
+        # BSD: the name is the first LENGTH bytes of the member's data.
         length = int(raw_name[3:])
         if length > total:
             raise PackageError(f"{where}: BSD name length {length} exceeds the member")
         stream.seek(data_offset)
         name = stream.read(length).rstrip(b"\0").decode("ascii", "replace")
         return name, data_offset + length, total - length, total
+
     if raw_name.startswith("/") and raw_name[1:].isdigit():
-        start = int(raw_name[1:])
-        end = long_names.find(b"/\n", start)
-        if start >= len(long_names) or end < 0:
-            raise PackageError(f"{where}: long name {raw_name!r} is not in the table")
-        return (
-            long_names[start:end].decode("ascii", "replace"),
-            data_offset,
-            total,
-            total,
-        )
+        # GNU: "/OFFSET" names the entry at OFFSET of the "//" member.
+        return _gnu_long_name(raw_name, long_names, where), data_offset, total, total
+
     if raw_name in ("/", "//", "/SYM64/"):
         return raw_name, data_offset, total, total
     return raw_name.rstrip("/"), data_offset, total, total
+
+
+def _gnu_long_name(raw_name: str, long_names: bytes, where: str) -> str:
+    start = int(raw_name[1:])
+    end = long_names.find(b"/\n", start)
+    if start >= len(long_names) or end < 0:
+        raise PackageError(f"{where}: long name {raw_name!r} is not in the table")
+    return long_names[start:end].decode("ascii", "replace")
 
 
 def _open_wrapper(stream: IO[bytes], source: str) -> _Wrapper:

@@ -152,7 +152,7 @@ def parse_status(text: str, source: str) -> StatusDatabase:
 
 def package_from_stanza(stanza: Stanza) -> InstalledPackage | None:
     """Return the installed package that ``stanza`` describes, or None if its
-    ``Status`` says it is not installed.
+    ``Status`` is not ``install ok installed``.
 
     Raises:
         EntryError: ``Package``, ``Version`` or ``Status`` is missing or empty, or a

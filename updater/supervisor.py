@@ -17,9 +17,10 @@ files vanish with the processes at a reboot):
 
 Stopping an application:
 
-1. the supervisor is frozen with SIGSTOP, so it cannot fork any more; its children
-   (the application, or a ``sleep`` between two starts) are read from /proc; the
-   supervisor is then killed with SIGKILL, so nothing restarts the application;
+1. the supervisor is frozen with SIGSTOP, so that it cannot fork any more. Its
+   children (the application, or a ``sleep`` between two starts) are read from
+   /proc. Then the supervisor is killed with SIGKILL, so nothing restarts the
+   application;
 2. SIGTERM goes to each child and to its process group;
 3. whatever is left of them after the package's stop timeout gets SIGKILL.
 
@@ -69,24 +70,24 @@ LOG_TAIL_LINES = 5
 
 @dataclass(frozen=True)
 class SupervisorPaths:
-    """Where the supervisor script is and where it keeps state and logs."""
+    """Paths of the supervisor script, its state files and the application logs."""
 
     script: str = SUPERVISOR_SCRIPT
     run_dir: str = RUN_DIR
     log_dir: str = LOG_DIR
 
     def state_dir(self, name: str) -> str:
-        """The directory of the state files of application ``name``."""
+        """Return the directory of the state files of application ``name``."""
         return os.path.join(self.run_dir, name)
 
     def log_file(self, name: str) -> str:
-        """The log file of application ``name``."""
+        """Return the log file of application ``name``."""
         return os.path.join(self.log_dir, f"{name}.log")
 
 
 @dataclass(frozen=True)
 class ProcessState:
-    """What the supervisor files and /proc show about one application.
+    """State of one application, read from the supervisor's files and /proc.
 
     Attributes:
         state: ``running``, ``starting`` (the supervisor has not started it yet),

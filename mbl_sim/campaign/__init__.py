@@ -2,15 +2,17 @@
 
 A campaign runs an update once on a device whose eMMC sits behind the storage
 model (`mbl_sim.storage`), recording every write and flush. It then plans crash
-states along the update's write log (every flush, plus seeded variants in which
-part of the cached writes survived or one write was torn), checks each one from
-the host (environment, slot filesystem, slot content) in parallel worker
-processes, boots a share of them, and writes a Markdown report, an SVG chart,
-JUnit XML and a bundle for every bad state, which `replay` reproduces.
+states along the update's write log: every flush, plus seeded variants in which
+part of the cached writes survived or one write was torn. Parallel worker
+processes check each state from the host (environment, slot filesystem, slot
+content, applications) and boot a share of them. The campaign writes a Markdown
+report, an SVG chart, JUnit XML and a bundle for every bad state, which `replay`
+reproduces.
 
 Modules: ``updates`` (what is recorded), ``record``, ``plan``, ``checks`` (host
 checks), ``boot`` (boot checks), ``runner`` (worker processes), ``report``,
-``bundle`` (bundles and replay), ``run`` (the whole campaign) and ``cli``.
+``bundle`` (bundles and replay), ``apps`` (the application check), ``ext4``,
+``run`` (the whole campaign) and ``cli``.
 """
 
 from mbl_sim.campaign.bundle import ReplayResult, replay, write_bundle

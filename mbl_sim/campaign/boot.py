@@ -26,12 +26,13 @@ __all__ = ["BOOT_TIMEOUT", "BootResult", "boot_state"]
 log = logging.getLogger(__name__)
 
 # Device.SYSTEM_READY ends at the version's last non-blank character, so it can
-# match before the whole version has arrived; the line end makes the match whole.
+# match before the whole version has arrived. The line end makes the match whole.
 SYSTEM_READY_LINE = SYSTEM_READY + r"\r?\n"
 
 BOOT_TIMEOUT = 90.0
 """Seconds to wait for each step of a boot: U-Boot's countdown, then the shell.
-A boot takes 3 to 8 s with TCG; the rest is margin for a loaded host."""
+A boot took 3 to 8 s with TCG on a 2-core host; the rest is margin for a loaded
+host."""
 
 
 @dataclass

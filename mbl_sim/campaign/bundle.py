@@ -8,9 +8,9 @@ A bundle holds:
   ``update.log``;
 - ``recording.json``: what the checks expect of each slot;
 - ``start.raw`` and ``update.log``: the disk before the update and the update's
-  write log, hard links to the campaign's files where the filesystem allows, so
-  that many bundles cost no space; the state's disk is ``start.raw`` plus the
-  writes that the manifest's state selects from ``update.log``;
+  write log. They are hard links to the campaign's files where the filesystem
+  allows, so that many bundles cost no space. The state's disk is ``start.raw``
+  plus the writes that the manifest's state selects from ``update.log``;
 - ``console.log``: the boot check's console transcript, when the state was booted.
 
 ``replay(bundle)`` rebuilds the state's disk, checks that its digest matches,
@@ -103,7 +103,7 @@ def _state_digest(recording: Recording, state: CrashState, scratch: Path) -> str
 
 @dataclass
 class ReplayResult:
-    """What a replay found.
+    """The outcome of a replay.
 
     Attributes:
         name: the state's name.

@@ -2,13 +2,17 @@
 
 For every state:
 
-1. the environment: both raw copies decoded with the updater's own codec
-   (``updater.bootenv.decode_env``); at least one copy must be valid and its
+1. the environment: both raw copies are decoded with the updater's own codec
+   (``updater.bootenv.decode_env``). At least one copy must be valid, and its
    ``active_slot`` must name a slot;
 2. that slot's filesystem, cut out of the disk: its journal is replayed as a
    mount would, then ``e2fsck -n -f`` must find it clean;
 3. that slot's content: ``/etc/mbl-version`` and the sampled files must match
-   what the recording expects of that slot, old or new.
+   what the recording expects of that slot, old or new;
+4. the applications on the home partition (`mbl_sim.campaign.apps`): after the
+   recovery the device runs at boot, each one is wholly at one release, the
+   package database parses, and together they are all at their versions before
+   the update or all at those after it.
 
 More checks can be added with ``register_host_check``: each gets a `StateView` and
 returns the problems it found.
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mbl_sim.board import Board
+from mbl_sim.campaign.apps import APPS_PARTITION, inspect_apps
 from mbl_sim.campaign.ext4 import check_filesystem, dump_files, replay_journal
 from mbl_sim.campaign.record import Recording, SlotExpectation
 from mbl_sim.errors import ConfigError
@@ -190,6 +195,20 @@ def _check_slot(view: StateView, slot: str) -> list[str]:
     return _check_content(view, image, expected)
 
 
+def _check_apps(view: StateView) -> list[str]:
+    if APPS_PARTITION not in {p.name for p in view.board.storage.layout}:
+        return []
+    apps = inspect_apps(view.partition_image(APPS_PARTITION), view.scratch / "apps")
+    problems = [f"apps: {problem}" for problem in apps.problems]
+    before, after = view.recording.apps_before, view.recording.apps_after
+    if apps.versions not in (before, after):
+        problems.append(
+            f"apps: versions {apps.versions} are neither all those before the update"
+            f" {before} nor all those after it {after}"
+        )
+    return problems
+
+
 def check_on_host(view: StateView) -> HostResult:
     """Run the host checks on one state; ``view.scratch`` is emptied afterwards."""
     started = time.monotonic()
@@ -204,6 +223,7 @@ def check_on_host(view: StateView) -> HostResult:
             slot = env.variables.get("active_slot", "")
             result.active_slot = slot
             result.problems += _check_slot(view, slot)
+        result.problems += _check_apps(view)
         for name, check in _EXTRA_CHECKS:
             result.problems += [f"{name}: {problem}" for problem in check(view)]
     finally:

@@ -51,7 +51,7 @@ SUMMARY_LINES = 4
 
 def _summary(output: str) -> str:
     """Return the first lines of e2fsck's findings and its last line, without its
-    version banner and the ``IGNORED.`` answers that ``-n`` prints."""
+    version banner and the ``IGNORED.`` replies that ``-n`` prints."""
     lines = [
         line.strip()
         for line in output.splitlines()

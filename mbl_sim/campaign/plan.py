@@ -1,8 +1,8 @@
-"""Which crash states a campaign checks.
+"""The plan of the crash states that a campaign checks.
 
 The flushes of the update's write log split it into intervals. Interval k runs
 from the end of flush k-1 to the end of flush k (flush 0 is the start of the log).
-For each interval the plan holds:
+For each interval the plan contains:
 
 - ``fNNN``: the state after flush k, in which every earlier write is durable;
   ``f000`` is the disk when the update started;
@@ -40,7 +40,7 @@ seconds, against a fraction of a second for host checks."""
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """How many states to plan and which of them to boot.
+    """Limits of the plan: the number of states and the share of them to boot.
 
     Attributes:
         seed: the campaign seed.

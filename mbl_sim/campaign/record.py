@@ -13,6 +13,7 @@ starts on a durable disk. The recording directory then holds:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,19 +26,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mbl_sim.campaign.apps import APPS_PARTITION, inspect_apps
 from mbl_sim.campaign.ext4 import dump_files, replay_journal
-from mbl_sim.campaign.updates import MARKER, MARKER_PATH, UpdateScenario
+from mbl_sim.campaign.updates import MARKER_PATH, UpdateScenario
 from mbl_sim.device import Device
 from mbl_sim.errors import ConfigError, UpdateFailedError
-from mbl_sim.images.cache import default_cache_dir
 from mbl_sim.images.recipe import SLOT_PARTITIONS, DeviceImages
 from mbl_sim.payloads import (
     ROOTFS_MEMBER,
     VERSION_FILE,
-    RootfsChange,
-    cached_rootfs_payload,
 )
-from mbl_sim.storage import CrashState, WriteLog, image_digest, materialise, read_log
+from mbl_sim.storage import (
+    CrashState,
+    WriteLog,
+    image_digest,
+    materialise,
+    read_log,
+    volatile_indices,
+)
 
 __all__ = ["Recording", "SlotExpectation", "record"]
 
@@ -54,7 +60,7 @@ early loses them first."""
 
 @dataclass(frozen=True)
 class SlotExpectation:
-    """What a slot must hold for a state that boots it to be good.
+    """The expected content of a slot, for the states that boot it.
 
     Attributes:
         slot: ``a`` or ``b``.
@@ -85,6 +91,8 @@ class Recording:
         log_digest: SHA-256 of ``update.log``.
         seconds: how long the update took in the guest.
         output: the update command's output.
+        apps_before: application versions by name when the update started.
+        apps_after: application versions by name once it finished.
     """
 
     directory: Path
@@ -97,6 +105,8 @@ class Recording:
     log_digest: str
     seconds: float
     output: str
+    apps_before: dict[str, str] = field(default_factory=dict)
+    apps_after: dict[str, str] = field(default_factory=dict)
 
     @property
     def base(self) -> Path:
@@ -113,7 +123,7 @@ class Recording:
         return read_log(self.log_path)
 
     def expectation(self, slot: str) -> SlotExpectation | None:
-        """Return what ``slot`` must hold, or None for an unknown slot."""
+        """Return the expected content of ``slot``, or None for an unknown slot."""
         return {self.old.slot: self.old, self.new.slot: self.new}.get(slot)
 
     def save(self) -> None:
@@ -218,6 +228,31 @@ def slot_contents(
     }
 
 
+def app_versions(
+    images: DeviceImages, base: Path, window: WriteLog, state: CrashState, scratch: Path
+) -> dict[str, str]:
+    """Return the application versions of ``state``, as the device would run them.
+
+    Raises:
+        ConfigError: the applications are inconsistent in that state.
+    """
+    layout = images.board.storage.layout
+    if APPS_PARTITION not in {partition.name for partition in layout}:
+        return {}
+    partition = layout[APPS_PARTITION]
+    scratch.mkdir(parents=True, exist_ok=True)
+    image = scratch / "home.img"
+    materialise(
+        base, window, state, image, offset=partition.start, length=partition.size
+    )
+    apps = inspect_apps(image, scratch / "apps")
+    if apps.problems:
+        raise ConfigError(
+            f"applications of {base} at {state.label()}: {'; '.join(apps.problems)}"
+        )
+    return apps.versions
+
+
 def record(
     images: DeviceImages,
     update: UpdateScenario,
@@ -237,31 +272,36 @@ def record(
         MblSimError: the device did not boot or the recording failed.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    change = RootfsChange(version=update.version, files={MARKER_PATH: MARKER})
-    payload = cached_rootfs_payload(images.rootfs, default_cache_dir(), change)
+    payload = update.payload(images, directory)
     report(f"recording {update.name}: {update.description}")
     device = Device(images, directory / "device", name="recording")
     try:
         device.attach_storage_model()
         device.power_on()
+        if update.prepare is not None:
+            update.prepare(device, directory)
         old_slot = device.running_slot()
         old_version = device.version()
         seconds, output = _run_update(device, update, payload, directory)
     finally:
         device.close()
     report(f"  update ran in {seconds:.1f} s; computing expected contents")
-    return _finish(
-        images,
-        update,
-        directory,
-        payload,
-        old_slot,
-        old_version,
-        seconds,
-        output,
-        content_files,
-        seed,
+    scratch = directory / "scratch"
+    try:
+        recording = _finish(
+            images, update, directory, payload, old_slot, old_version, scratch
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    recording = dataclasses.replace(
+        recording,
+        seconds=seconds,
+        output=output,
+        old=_sampled(recording.old, content_files, seed),
+        new=_sampled(recording.new, content_files, seed),
     )
+    recording.save()
+    return recording
 
 
 def _run_update(
@@ -296,6 +336,13 @@ def _run_update(
     return seconds, result.output
 
 
+def _sampled(
+    expected: SlotExpectation, count: int | None, seed: int
+) -> SlotExpectation:
+    sample = choose_sample(list(expected.files), count, seed)
+    return dataclasses.replace(expected, files={p: expected.files[p] for p in sample})
+
+
 def _finish(
     images: DeviceImages,
     update: UpdateScenario,
@@ -303,39 +350,38 @@ def _finish(
     payload: Path,
     old_slot: str,
     old_version: str,
-    seconds: float,
-    output: str,
-    content_files: int | None,
-    seed: int,
+    scratch: Path,
 ) -> Recording:
-    new_slot = "b" if old_slot == "a" else "a"
-    new_files = payload_digests(payload)
-    sample = choose_sample(list(new_files), content_files, seed)
+    """Return the recording with every expected file; ``record`` samples them."""
     window = read_log(directory / LOG_FILE)
     base = directory / BASE_FILE
-    scratch = directory / "scratch"
-    try:
-        old_files = slot_contents(images, base, window, old_slot, sample, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    recording = Recording(
+    end = CrashState(len(window), frozenset(volatile_indices(window, len(window))))
+    old_partition = SLOT_PARTITIONS[old_slot]
+    if update.writes_slot:
+        new_slot = "b" if old_slot == "a" else "a"
+        new_files: dict[str, str | None] = dict(payload_digests(payload))
+        old_files = slot_contents(
+            images, base, window, old_slot, list(new_files), scratch
+        )
+        old = SlotExpectation(old_slot, old_partition, old_version, old_files)
+        new = SlotExpectation(
+            new_slot, SLOT_PARTITIONS[new_slot], update.version, new_files
+        )
+    else:
+        old = new = SlotExpectation(old_slot, old_partition, old_version, {})
+    return Recording(
         directory=directory,
         update=update.name,
         faulty=update.faulty,
         board_source=images.board.source,
-        old=SlotExpectation(
-            old_slot, SLOT_PARTITIONS[old_slot], old_version, old_files
-        ),
-        new=SlotExpectation(
-            new_slot,
-            SLOT_PARTITIONS[new_slot],
-            update.version,
-            {path: new_files[path] for path in sample},
-        ),
+        old=old,
+        new=new,
         base_digest=image_digest(base),
         log_digest=file_digest(directory / LOG_FILE),
-        seconds=seconds,
-        output=output,
+        seconds=0.0,
+        output="",
+        apps_before=app_versions(
+            images, base, window, CrashState(0), scratch / "before"
+        ),
+        apps_after=app_versions(images, base, window, end, scratch / "after"),
     )
-    recording.save()
-    return recording

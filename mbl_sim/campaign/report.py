@@ -33,13 +33,14 @@ PROBLEMS_SHOWN = 3
 CELL = 11
 GAP = 2
 LEFT = 110
-TOP = 46
+TOP = 52
+MIN_WIDTH = 480
 COLOURS = {"good": "#2e7d32", "bad": "#c62828", "error": "#ef6c00"}
 
 
 @dataclass(frozen=True)
 class ReportInput:
-    """What the report shows.
+    """The input of the report.
 
     Attributes:
         title: the campaign's name, for headings.
@@ -214,15 +215,16 @@ def write_svg(report: ReportInput, path: Path) -> Path:
         x = LEFT + column[planned.interval] * (CELL + GAP)
         y = row_base + lane * (CELL + GAP)
         rows += _svg_cell(x, y, result)
-    width = LEFT + len(intervals) * (CELL + GAP) + 20
+    width = max(LEFT + len(intervals) * (CELL + GAP) + 20, MIN_WIDTH)
     height = TOP + len(KIND_ROWS) * (3 * (CELL + GAP) + 6) + 40
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
         ' font-family="sans-serif" font-size="11">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="4" y="14" font-size="13">{html.escape(report.title)}: outcome'
-        " by crash point (green good, red bad, orange check error, dot"
-        " booted)</text>",
+        " by crash point</text>",
+        '<text x="4" y="28">green good, red bad, orange check error, white dot'
+        " booted, blue triangle: environment write</text>",
     ]
     for number, kind in enumerate(KIND_ROWS):
         y = TOP + number * (3 * (CELL + GAP) + 6) + CELL

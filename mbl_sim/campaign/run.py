@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CampaignOptions:
-    """How a campaign runs.
+    """Settings of a campaign run.
 
     Attributes:
         workers: worker processes; by default one per CPU.
@@ -47,7 +47,7 @@ class CampaignOptions:
 
 @dataclass
 class CampaignResult:
-    """What a campaign found and where its report is.
+    """The outcome of a campaign and the paths of its report.
 
     Attributes:
         directory: the campaign's directory.
@@ -81,7 +81,11 @@ def _say_progress(
 ) -> Callable[[int, int, StateResult], None]:
     def progress(done: int, total: int, result: StateResult) -> None:
         planned = result.planned
-        verdict = "error" if result.error else "BAD" if result.bad else "good"
+        verdict = "good"
+        if result.error:
+            verdict = "error"
+        elif result.bad:
+            verdict = "BAD"
         booted = f", boot: {result.boot.describe()}" if result.boot else ""
         say(
             f"  [{done:{len(str(total))}}/{total}] {planned.name:<10} {verdict:<5}"

@@ -2,10 +2,10 @@
 
 Each worker is a process of its own (``spawn``), so that QEMU and the e2fsprogs
 tools of one state never share a process with another state's. The parent stops
-the workers with SIGTERM when it is interrupted or fails; a worker then unwinds,
-which powers its device off, and QEMU dies with the worker in any case
-(``PR_SET_PDEATHSIG``, see ``mbl_sim.machine``). Workers ignore SIGINT, so a
-Ctrl-C reaches only the parent, which stops them in order.
+the workers with SIGTERM when it is interrupted or fails. A worker then unwinds and
+powers its device off. QEMU dies with its worker in any case, because
+``mbl_sim.machine`` starts it with ``PR_SET_PDEATHSIG``. Workers ignore SIGINT, so
+a Ctrl-C reaches only the parent, which stops them in order.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _POLL_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What every worker needs.
+    """Settings shared by every worker.
 
     Attributes:
         images: the device's images, for boot checks.

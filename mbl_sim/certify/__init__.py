@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -173,6 +174,8 @@ def certify(
     """
     selected = _selected_checks(only, skip)
     workdir.mkdir(parents=True, exist_ok=True)
+    # A device left by an earlier run would start from that run's slot and state.
+    shutil.rmtree(workdir / "device", ignore_errors=True)
     started = time.monotonic()
     command = "mbl-sim certify " + shlex.quote(board.name)
     result = CertificationReport(

@@ -281,10 +281,12 @@ class ImageBuilder:
         board = self.board
         if board.firmware.is_u_boot:
             return ""
-        layout = board.storage.layout
+        # The initramfs finds the slots and the flag partition in its
+        # /etc/mbl-boot.conf. mbl.loglevel=4 keeps late driver messages (i.MX:
+        # "deferred probe pending" after 10 s) off the console the shell shares.
         return (
             f"console={board.console.device},{board.console.baud} rootwait panic=5 "
-            f"mbl.flags={layout[FLAGS_PARTITION].device}"
+            "mbl.loglevel=4"
         )
 
     def direct_boot_patch(self, initrd_size: int) -> devicetree.DirectBootPatch | None:
@@ -490,7 +492,7 @@ class ImageBuilder:
         if board.device_tree.file is not None:
             # The kernel package's tree replaces U-Boot's own, which describes
             # U-Boot's view of the board rather than Linux's.
-            device_tree = [f"{load} ${{fdt_addr_r}} {DTB_FILE}", "faddr=${fdt_addr_r}"]
+            device_tree = [f"{load} ${{daddr}} {DTB_FILE}", "faddr=${daddr}"]
         kernel_file = board.kernel.file_name
         if board.kernel.compression == "gzip":
             packed = board.firmware.buffer_address + _COMPRESSED_KERNEL_OFFSET

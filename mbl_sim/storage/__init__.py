@@ -13,7 +13,7 @@ programmed. This package models that on QEMU's own block layer:
 - ``model``: the device's eMMC behind ``blklogwrites``, session by session, and
   power cuts that replace the device's disk with a crash state.
 
-The package knows nothing of updates; ``mbl_sim.campaign`` builds on it.
+Nothing here depends on updates, and ``mbl_sim.campaign`` builds on it.
 """
 
 from mbl_sim.storage.crash import (

@@ -1,4 +1,4 @@
-"""Crash states: what a disk with a volatile write cache holds after a power cut.
+"""Crash states: the content of a disk with a volatile write cache after a power cut.
 
 The model follows the eMMC's and Linux's contract for a volatile write cache. A
 write that completed is only in the cache until a later flush completes, or, with
@@ -207,7 +207,7 @@ def _check_torn(
 
 @dataclass(frozen=True)
 class CutPolicy:
-    """Which cached writes survive a power cut.
+    """A rule for the cached writes that survive a power cut.
 
     Attributes:
         keep: probability that each cached write reached the medium; 0 drops them
@@ -335,8 +335,8 @@ def sparse_copy(
     source: Path, target: Path, offset: int = 0, length: int | None = None
 ) -> int:
     """Copy bytes ``[offset, offset+length)`` of ``source`` into a new sparse file
-    ``target`` at offset 0, copying only the ranges that hold data, and return the
-    number of bytes copied.
+    ``target`` at offset 0, and return the number of bytes copied. Only the ranges
+    that contain data are copied.
 
     Raises:
         OSError: a file cannot be read or written.
@@ -470,9 +470,9 @@ def read_state(
 def image_digest(path: Path) -> str:
     """Return a SHA-256 content digest of the raw image at ``path``.
 
-    The digest covers every 64 KiB block that holds a non-zero byte, with its
-    offset, and the image size; so a hole and written zeros hash alike and only
-    the data ranges are read. It is not the ``sha256sum`` of the file.
+    The digest covers the image size and every 64 KiB block that contains a
+    non-zero byte, with its offset. So a hole and written zeros hash alike, and
+    only the data ranges are read. It is not the ``sha256sum`` of the file.
 
     Raises:
         OSError: the file cannot be read.

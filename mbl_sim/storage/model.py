@@ -7,9 +7,9 @@ not written while QEMU runs. The session ends in one of two ways:
 
 - a clean power-off commits the session overlay into the device's disk, because
   QEMU flushed everything on ``quit``;
-- a power cut builds the crash state that the cut policy chooses (by default every
-  write that no flush covered is lost) on a raw copy of the disk, and makes it the
-  device's disk, through a new qcow2 overlay.
+- a power cut builds the crash state that the cut policy chooses on a raw copy of
+  the disk, and makes it the device's disk through a new qcow2 overlay. By default
+  every write that no flush covered is lost.
 
 Files in the device's directory: ``session.qcow2`` and ``writes.log`` of the running
 session, ``emmc-cut-N.raw`` (the disk after cut N, backing ``emmc.qcow2``),
@@ -66,7 +66,7 @@ DEVICE_PROPERTIES = ("write-zeroes=off", "request-merging=off")
 
 
 def _option_value(path: Path) -> str:
-    # QEMU's option syntax ends a value at a comma; ",," is a literal comma.
+    # QEMU's option syntax ends a value at a comma, and ",," is a literal comma.
     return str(path).replace(",", ",,")
 
 
@@ -106,7 +106,7 @@ def convert_to_raw(image: Path, output: Path) -> Path:
 
 @dataclass(frozen=True)
 class PowerCut:
-    """What one power cut did, with what reproduces it.
+    """The record of one power cut, with what reproduces it.
 
     Attributes:
         number: cuts of this device so far, this one included.
@@ -343,9 +343,9 @@ class StorageModel:
         """Wait until ``trigger`` fires and return its cut point, or None for a
         console trigger (the cut point is then wherever QEMU is when it dies).
 
-        ``expect(pattern, timeout)`` waits for a console pattern; ``drain(seconds)``
-        reads the console while the log is polled, so that the guest never stalls on
-        a full serial buffer.
+        ``expect(pattern, timeout)`` waits for a console pattern. ``drain(seconds)``
+        reads the console while the log is polled, because a guest whose serial
+        output fills the pty stalls.
 
         Raises:
             TargetError: a log trigger did not fire within ``timeout`` seconds.

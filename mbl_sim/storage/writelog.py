@@ -5,10 +5,11 @@ format. All integers are little endian:
 
 - log sector 0, the superblock: magic (u64, ``0x6a736677736872``), version (u64, 1),
   entry count (u64), log sector size (u32), zero padding to one log sector;
-- then one record per entry: a header sector with the disk sector (u64), the number
-  of sectors (u64), flags (u64) and ``data_len`` (u64), zero padded; then the entry's
-  data, ``nr_sectors`` sectors, padded to whole log sectors. Discards and flushes
-  carry no data; Linux keeps a mark's text in its header sector.
+- then one record per entry. A header sector contains the disk sector (u64), the
+  number of sectors (u64), flags (u64) and ``data_len`` (u64), zero padded. The
+  entry's data follows, ``nr_sectors`` sectors, padded to whole log sectors.
+  Discards and flushes carry no data, and Linux keeps a mark's text in its header
+  sector.
 
 Flags: ``FLUSH`` 1, ``FUA`` 2, ``DISCARD`` 4, ``MARK`` 8, ``METADATA`` 16 (Linux only).
 

@@ -1,6 +1,6 @@
-"""Crash-state campaigns on real guests: the updater's root filesystem update has
-no bad state, and a faulty update that flips the slot before syncing has some,
-which its bundle reproduces.
+"""Crash-state campaigns on real guests: the updater's root filesystem and
+application updates have no bad state, and a faulty update that flips the slot
+before syncing has some, which its bundle reproduces.
 
 The campaigns are sized for CI: ``MBL_SIM_CAMPAIGN_MAX_STATES`` states (default
 16, those around the environment write first) and a boot share of
@@ -66,3 +66,15 @@ def test_campaign_finds_flip_before_sync(
     assert replayed.host.problems == first.host.problems
     assert replayed.boot is not None
     assert replayed.boot.boots >= 1
+
+
+def test_campaign_apps_update_has_no_bad_state(
+    device_images: DeviceImages, tmp_path: Path
+) -> None:
+    result = run_campaign(device_images, "apps", tmp_path / "campaign", ci_options())
+
+    report = result.report.read_text()
+    assert result.recording.apps_before == {"alpha": "1.0.0", "beta": "1.0.0"}
+    assert result.recording.apps_after == {"alpha": "2.0.0", "beta": "2.0.0"}
+    assert result.errors == [], report
+    assert result.bad == [], report

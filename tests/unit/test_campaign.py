@@ -185,6 +185,7 @@ def make_filesystem(
 ) -> None:
     partition = board.storage.layout[name]
     root = disk.parent / f"root-{name}"
+    root.mkdir()
     for path, data in files.items():
         target = root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +226,7 @@ def make_recording(directory: Path, board: Board, new_version_file: bytes) -> Re
     new_files = {"/etc/mbl-version": new_version_file, "/bin/tool": b"new tool\n"}
     make_filesystem(base, board, "rootfs1", old_files)
     make_filesystem(base, board, "rootfs2", new_files)
+    make_filesystem(base, board, "home", {})
     with LogWriter(directory / "update.log") as writer:
         writer.write(env.offsets[1], encode_copy(NEW_ENV, 2, env.size))
         writer.flush()
