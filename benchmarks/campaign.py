@@ -13,6 +13,7 @@ Usage: python3 benchmarks/campaign.py [--host-states N] [--boot-states N]
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -74,15 +75,16 @@ def check(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--host-states", type=int, default=120, help="host-checked states"
+        "--host-states", type=int, default=400, help="host-checked states"
     )
-    parser.add_argument("--boot-states", type=int, default=12, help="booted states")
+    parser.add_argument("--boot-states", type=int, default=16, help="booted states")
     parser.add_argument(
         "--recording", type=Path, default=None, help="reuse this recording"
     )
     parser.add_argument("--board", default=DEFAULT_BOARD)
     args = parser.parse_args()
     images = ImageBuilder(load_board(args.board), report=lambda _: None).build()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mbl-bench-campaign-") as scratch:
         directory = Path(scratch)
         if args.recording is not None:
@@ -94,7 +96,7 @@ def main() -> None:
         # More variants per flush interval than the default, so that the host runs
         # have enough states to time.
         host_plan = PlanOptions(
-            subsets=6, torn=3, max_states=args.host_states, boot_share=0.0
+            subsets=12, torn=6, max_states=args.host_states, boot_share=0.0
         )
         boot_plan = PlanOptions(max_states=args.boot_states, boot_share=1.0)
         runs = [
@@ -102,8 +104,13 @@ def main() -> None:
             for kind, plan in (("host", host_plan), ("boot", boot_plan))
             for workers in (1, 2)
         ]
+        entries = len(recording.read_log())
+    load_after = os.getloadavg()[0]
     print(f"board {images.board.name}, kernel {images.kernel_release}")
-    entries = len(recording.read_log())
+    print(
+        f"{os.cpu_count()} CPUs; 1-minute load average {load_before:.1f} before,"
+        f" {load_after:.1f} after (other work on the machine counts too)"
+    )
     print(f"recording: {entries} log entries, update ran {recording.seconds:.1f} s")
     print("| check | workers | states | seconds | states/min | per core | target |")
     print("|---|---|---|---|---|---|---|")

@@ -101,6 +101,8 @@ _DISK = re.compile(r"/dev/[a-z][a-z0-9]*")
 _NODE_PATH = re.compile(r"(/[A-Za-z0-9,._+-]+(@[0-9A-Fa-f,]+)?)+")
 _DTB_FILE = re.compile(r"[A-Za-z0-9_.,+-]+(/[A-Za-z0-9_.,+-]+)*\.dtb")
 _MODULE = re.compile(r"[A-Za-z0-9_-]+")
+# Kernel arguments that U-Boot's setenv and QEMU's -append pass on unchanged.
+_BOOTARGS = re.compile(r"[A-Za-z0-9_.,:=/+-]+( [A-Za-z0-9_.,:=/+-]+)*")
 _PARTITION_NAME = re.compile(r"[a-z][a-z0-9_]{0,35}")  # GPT names: 36 UTF-16 units
 
 _BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600, 1500000)
@@ -156,10 +158,10 @@ class FirmwareConfig:
     prompt: str
     buffer_address: int
     """RAM address of the boot script's buffers: two environment copies and a
-    scratch area, 3 MiB in all."""
+    scratch area (3 MiB), then a gzip kernel from 4 MiB on."""
     own_env: str
-    """Where the firmware's own ``saveenv`` stores its environment: "unusable" or
-    "fat-file" (``uboot.env`` on the first FAT partition)."""
+    """Store of the firmware's own ``saveenv``: "unusable" or "fat-file"
+    (``uboot.env`` on the first FAT partition)."""
 
     @property
     def is_u_boot(self) -> bool:
@@ -176,7 +178,9 @@ class KernelConfig:
     image_type: str
     modules: tuple[str, ...]
     compression: str
-    """How the kernel file on the boot partition is compressed: "none" or "gzip"."""
+    """Compression of the kernel file on the boot partition: "none" or "gzip"."""
+    bootargs: str
+    """More kernel command line arguments, appended to those the port sets."""
 
     @property
     def boot_command(self) -> str:
@@ -295,8 +299,8 @@ class TransferConfig:
     """The transfer disk that payloads reach the running device on."""
 
     interface: str
-    """How it is reached: virtio (a second disk), sd (another SD card slot) or
-    partition (a partition of the board's own disk, written through QEMU)."""
+    """Attachment: virtio (a second disk), sd (another SD card slot) or partition
+    (a partition of the board's own disk, written through QEMU)."""
     index: int
     """The SD slot (``-drive if=sd,index=N``); unused otherwise."""
     guest_disk: str
@@ -351,9 +355,9 @@ class BootConfig:
 
     bootlimit: int
     state: str
-    """Where the boot state lives: "u-boot-env" (the redundant environment that
-    the boot script reads) or "flag-files" (files on the bootflags partition that
-    the initramfs reads)."""
+    """Store of the boot state: "u-boot-env" (the redundant environment that the
+    boot script reads) or "flag-files" (files on the bootflags partition that the
+    initramfs reads)."""
 
 
 @dataclass(frozen=True)
@@ -604,6 +608,7 @@ def _parse_firmware(node: _Node) -> FirmwareConfig:
             buffer_address=0,
             own_env="unusable",
         )
+
     # Debian package that provides the firmware file.
     package = _string(section.get("package"), _PACKAGE_NAME, "a Debian package name")
     # Firmware file. With source "host" a file on the host, checked by
@@ -613,6 +618,7 @@ def _parse_firmware(node: _Node) -> FirmwareConfig:
     path_text = _string(path, expected="an absolute path")
     if not path_text.startswith("/"):
         path.fail("an absolute path")
+
     # Where the package comes from. Optional, default host: installed on the host
     # with apt. archive: downloaded for the board's architecture at build time
     # (u-boot-rpi exists only for arm64 and armhf).
@@ -622,9 +628,11 @@ def _parse_firmware(node: _Node) -> FirmwareConfig:
     load = _optional_choice(section, "load", ("bios", "kernel"), "bios")
     # U-Boot's prompt. Optional, default "=> "; rpi builds print "U-Boot> ".
     prompt = _optional_string(section, "prompt", None, "a prompt string") or "=> "
-    # RAM the boot script uses for the environment copies: 3 MiB from this address,
-    # clear of U-Boot, the kernel, the initramfs and the device tree. Optional,
-    # default 0x50000000, inside the RAM of QEMU's virt machine.
+
+    # RAM the boot script uses: 3 MiB from this address for the environment
+    # copies, and from 4 MiB on the compressed kernel when kernel.compression is
+    # gzip. It must be clear of U-Boot, the kernel, the initramfs and the device
+    # tree. Optional, default 0x50000000, inside the RAM of QEMU's virt machine.
     buffer_node = section.optional("buffer_address")
     buffer_address = 0x50000000
     if buffer_node is not None:
@@ -659,7 +667,7 @@ def _optional_choice(
 
 def _parse_kernel(node: _Node) -> KernelConfig:
     section = _Mapping(
-        node, ("package", "arch", "image_type", "modules", "compression")
+        node, ("package", "arch", "image_type", "modules", "compression", "bootargs")
     )
     # Debian metapackage of the kernel (linux-image-arm64). The image build
     # resolves it to the versioned package that is current at build time.
@@ -674,12 +682,14 @@ def _parse_kernel(node: _Node) -> KernelConfig:
         image_type_node.fail(
             f"{_KERNEL_IMAGE_TYPES[arch]!r}, the image of {arch} kernels"
         )
+
     # Kernel modules the initramfs loads before mounting the root filesystem, in
     # this order (storage, filesystems, charsets).
     modules = tuple(
         _string(item, _MODULE, "a kernel module name")
         for item in _list(section.get("modules"), "kernel module names")
     )
+
     # Compression of the kernel file on the boot partition. Optional, default
     # none. gzip makes U-Boot read a third of the bytes, which matters where it
     # reads an SD card slowly, and then unzip the Image in RAM. Only for Image:
@@ -690,12 +700,21 @@ def _parse_kernel(node: _Node) -> KernelConfig:
         compression = _choice(compression_node, ("none", "gzip"))
         if compression == "gzip" and image_type != "Image":
             compression_node.fail("'none' for a zImage, which is compressed already")
+    # More kernel command line arguments, appended to console=, root= and the
+    # slot. Optional. mbl.loglevel=N makes the initramfs keep kernel messages less
+    # severe than N off the console once the system runs, where late driver
+    # messages would interleave with the shell's output.
+    bootargs_node = section.optional("bootargs")
+    bootargs = ""
+    if bootargs_node is not None:
+        bootargs = _string(bootargs_node, _BOOTARGS, "kernel arguments without quotes")
     return KernelConfig(
         package=package,
         arch=arch,
         image_type=image_type,
         modules=modules,
         compression=compression,
+        bootargs=bootargs,
     )
 
 
@@ -877,6 +896,8 @@ def _parse_storage(node: _Node) -> StorageConfig:
     # How QEMU attaches the disk image: virtio (virtio-blk-pci), sd (an SD card in
     # the SoC's own slot, -drive if=sd) or sdhci-pci (an SD card on a PCI SDHCI
     # controller, for virt).
+    # NOTE: no shipped board uses sdhci-pci, so its command line has not booted;
+    # u-boot-qemu 2023.01 has no MMC driver, so only a board without U-Boot could.
     interface = _choice(section.get("interface"), ("virtio", *SD_INTERFACES))
     # The SoC's card slot for interface sd (-drive if=sd,index=N). Optional,
     # default 0; the WaRP7's eMMC is slot 2.

@@ -418,9 +418,9 @@ class Device:
         partition of the running device's disk.
 
         QEMU's monitor command ``qemu-io`` writes through the same block backend
-        as the guest's disk controller, so the overlay stays consistent; ``-s``
-        takes the data from the file. The backend of ``-drive if=sd,index=N`` is
-        named ``sdN``.
+        as the guest's disk controller, so the overlay stays consistent. Its
+        ``-s`` takes the data from the file. The backend of ``-drive
+        if=sd,index=N`` is named ``sdN``.
         """
         storage = self.board.storage
         partition = storage.layout[storage.transfer.partition]
@@ -441,8 +441,8 @@ class Device:
             raise TargetError(f"QEMU monitor: {command}: {output.strip()}")
 
     def _transfer_device(self) -> str:
-        # The transfer disk is the second disk QEMU attaches: /dev/vdb after
-        # /dev/vda, or another SD card slot on boards with SD storage.
+        # The second disk QEMU attaches (/dev/vdb after /dev/vda), a card in
+        # another SD slot, or a raw partition of the board's own disk.
         return self.board.storage.transfer.guest_disk
 
     # -- the updater ----------------------------------------------------------------

@@ -142,7 +142,7 @@ def _machine_args(qemu: QemuConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class BootFiles:
-    """What QEMU loads into the machine besides its disks.
+    """Files that QEMU loads into the machine besides its disks.
 
     Attributes:
         firmware: the boot loader image; None means the board file's host path.

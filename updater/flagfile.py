@@ -13,11 +13,10 @@ small ext4 partition (``bootflags``), mounted at ``flag_dir`` from device.json:
 ``rolled_back_from``
     ``SLOT``: the slot that the initramfs abandoned; removed by the next update.
 
-Every change is one durable file operation (temporary file, fsync, rename, fsync of
-the directory; or unlink and fsync of the directory, see `updater.durable`), and
-``flip_to`` orders its steps so that a power cut between any two leaves the old
-state or the new one: the trial is written first and the ``rootfs2`` change, which
-switches the active slot, comes last.
+Every change is one durable file operation: temporary file, fsync, rename and fsync
+of the directory, or unlink and fsync of the directory (see `updater.durable`).
+``flip_to`` writes the trial first and changes ``rootfs2``, which switches the active
+slot, last. So a power cut between any two steps leaves the old state or the new one.
 
 The running slot is the slot whose partition is mounted as ``/``, because no boot
 loader passes ``mbl.slot=`` on the kernel command line.
@@ -43,7 +42,7 @@ ROLLED_BACK_FROM = "rolled_back_from"
 
 @dataclass(frozen=True)
 class FlagFiles:
-    """Where the flag files are and what they refer to.
+    """Location of the flag files and the slot devices they refer to.
 
     Attributes:
         directory: the mounted bootflags partition.
@@ -169,9 +168,9 @@ def flip_to(flags: FlagFiles, slot: str, previous: str) -> FlagState:
     Raises:
         SlotError: a slot is invalid, both are the same, or a file operation failed.
     """
-    for value, what in ((slot, "new active slot"), (previous, "previous slot")):
+    for value, role in ((slot, "new active slot"), (previous, "previous slot")):
         if value not in SLOT_NAMES:
-            raise SlotError(f"invalid {what} {value!r}; expected one of a, b")
+            raise SlotError(f"invalid {role} {value!r}; expected one of a, b")
     if slot == previous:
         raise SlotError(
             f"cannot switch to slot {slot!r}: it is also the previous slot; the new"

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from mbl_sim.board import DEFAULT_BOARD, check_host, load_board
 from mbl_sim.campaign.boot import BOOT_TIMEOUT
 from mbl_sim.campaign.bundle import replay
 from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, PlanOptions
-from mbl_sim.campaign.run import CampaignOptions, run_campaign
+from mbl_sim.campaign.run import DEFAULT_SCRATCH, CampaignOptions, run_campaign
 from mbl_sim.campaign.updates import UPDATES, update_names
 from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import ImageBuilder
@@ -32,6 +34,10 @@ __all__ = ["COMMANDS", "add_parsers", "run_campaign_command", "run_replay_comman
 
 EXIT_OK = 0
 EXIT_BAD = 1
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _say(message: str) -> None:
@@ -156,6 +162,13 @@ def _add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-bundles", action="store_true", help="write no bundles for bad states"
     )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=None,
+        help="directory for the states' temporary disks, preferably a tmpfs"
+        f" (default {DEFAULT_SCRATCH} if writable, else the campaign's directory)",
+    )
 
 
 def _builder(board_name: str, args: argparse.Namespace) -> ImageBuilder:
@@ -174,6 +187,9 @@ def run_campaign_command(args: argparse.Namespace) -> int:
     """
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    # SIGTERM unwinds like Ctrl-C, so the workers are stopped and the scratch
+    # directory removed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     plan = PlanOptions(
         seed=args.seed,
         subsets=args.subsets,
@@ -187,6 +203,7 @@ def run_campaign_command(args: argparse.Namespace) -> int:
         content_files=args.content_files,
         boot_timeout=args.boot_timeout,
         bundles=not args.no_bundles,
+        scratch=args.scratch,
     )
     images = _builder(args.board, args).build()
     directory = args.workdir / time.strftime(f"campaign-{args.scenario}-%Y%m%d-%H%M%S")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ __all__ = ["CampaignOptions", "CampaignResult", "check_recording", "run_campaign
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SCRATCH = Path("/dev/shm")
+"""A tmpfs, where the partition copies of the host checks stay in memory: e2fsck
+fsyncs a copy after it replays its journal, which on a disk-backed filesystem
+writes the whole copy out and makes parallel workers wait on the disk."""
+
 
 @dataclass(frozen=True)
 class CampaignOptions:
@@ -36,6 +42,9 @@ class CampaignOptions:
         content_files: files of each slot the host checks compare; None for all.
         boot_timeout: seconds for each step of a boot check.
         bundles: write a bundle for each bad state.
+        scratch: the directory for the states' temporary disks; None picks
+            ``DEFAULT_SCRATCH`` when it is a writable directory, else the campaign's
+            own directory.
     """
 
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -43,6 +52,7 @@ class CampaignOptions:
     content_files: int | None = 32
     boot_timeout: float = BOOT_TIMEOUT
     bundles: bool = True
+    scratch: Path | None = None
 
 
 @dataclass
@@ -168,6 +178,7 @@ def check_recording(
     """
     options = options or CampaignOptions()
     started = time.monotonic() if started is None else started
+    directory.mkdir(parents=True, exist_ok=True)
     window = recording.read_log()
     ranges = _focus_ranges(images)
     planned = plan_states(window, options.plan, ranges)
@@ -212,7 +223,7 @@ def _check(
     settings = WorkerSettings(
         images=images,
         recording=recording.directory,
-        scratch=directory / "scratch",
+        scratch=_scratch(options, directory),
         states=directory / "states",
         boot_timeout=options.boot_timeout,
         log_level=logging.getLogger().getEffectiveLevel(),
@@ -221,6 +232,17 @@ def _check(
         return check_states(settings, planned, options.workers, _say_progress(say))
     finally:
         shutil.rmtree(settings.scratch, ignore_errors=True)
+
+
+def _scratch(options: CampaignOptions, directory: Path) -> Path:
+    if options.scratch is not None:
+        root = options.scratch
+    elif DEFAULT_SCRATCH.is_dir() and os.access(DEFAULT_SCRATCH, os.W_OK):
+        root = DEFAULT_SCRATCH
+    else:
+        root = directory
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="mbl-sim-campaign-", dir=root))
 
 
 def _write_bundles(

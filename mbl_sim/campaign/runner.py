@@ -4,12 +4,14 @@ Each worker is a process of its own (``spawn``), so that QEMU and the e2fsprogs
 tools of one state never share a process with another state's. The parent stops
 the workers with SIGTERM when it is interrupted or fails. A worker then unwinds and
 powers its device off. QEMU dies with its worker in any case, because
-``mbl_sim.machine`` starts it with ``PR_SET_PDEATHSIG``. Workers ignore SIGINT, so
-a Ctrl-C reaches only the parent, which stops them in order.
+``mbl_sim.machine`` starts it with ``PR_SET_PDEATHSIG``, and a worker gets SIGTERM
+the same way when its parent dies. Workers ignore SIGINT, so a Ctrl-C reaches only
+the parent, which stops them in order.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _STOP_WAIT = 15.0
 _POLL_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,26 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def _worker_main(settings: WorkerSettings, tasks: Any, results: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies, so that a worker whose parent
+    was killed stops instead of checking states that nobody collects."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno())
+        )
+    # The parent may have died before prctl() took effect.
+    if os.getppid() != parent:
+        raise SystemExit(1)
+
+
+def _worker_main(
+    settings: WorkerSettings, tasks: Any, results: Any, parent: int
+) -> None:
     """Run in each worker process: check states until the parent sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    _die_with_parent(parent)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
@@ -215,7 +234,7 @@ def _run_pool(
     processes = [
         context.Process(
             target=_worker_main,
-            args=(settings, tasks, results),
+            args=(settings, tasks, results, os.getpid()),
             name=f"campaign-worker-{number}",
             daemon=True,
         )

@@ -40,6 +40,7 @@ from mbl_sim.certify.registry import (
     register,
 )
 from mbl_sim.certify.report import CertificationReport, write_junit, write_markdown
+from mbl_sim.device import BOOT_TIMEOUT
 from mbl_sim.errors import ConfigError, MblSimError
 from mbl_sim.images.recipe import DeviceImages, ImageBuilder
 
@@ -163,10 +164,12 @@ def certify(
     report: Callable[[str], None] = print,
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
+    boot_timeout: float = BOOT_TIMEOUT,
 ) -> CertificationReport:
     """Certify ``board``: build its images, run the checks, write the reports.
 
     ``only`` restricts the run to those checks, ``skip`` leaves checks out.
+    ``boot_timeout`` bounds each stage of the first boot, in seconds.
     ``workdir`` receives ``report.md``, ``report.xml`` and the device directory.
 
     Raises:
@@ -174,8 +177,9 @@ def certify(
     """
     selected = _selected_checks(only, skip)
     workdir.mkdir(parents=True, exist_ok=True)
-    # A device left by an earlier run would start from that run's slot and state.
-    shutil.rmtree(workdir / "device", ignore_errors=True)
+    # Devices left by an earlier run would start from that run's slot and state.
+    for device_dir in ("device", "firmware-env"):
+        shutil.rmtree(workdir / device_dir, ignore_errors=True)
     started = time.monotonic()
     command = "mbl-sim certify " + shlex.quote(board.name)
     result = CertificationReport(
@@ -188,6 +192,7 @@ def certify(
         seconds=0.0,
         command=command,
         workdir=workdir,
+        not_selected=[c.name for c in CHECKS.values() if c.core and c not in selected],
     )
     report(f"certifying {board.name}: building images")
     try:
@@ -199,7 +204,7 @@ def certify(
         report(f"  ✗ images: {error}")
         return _finish(result, started, report)
     result.facts.update(_board_facts(board, images))
-    context = CertifyContext(board, images, workdir, report)
+    context = CertifyContext(board, images, workdir, report, boot_timeout=boot_timeout)
     results: dict[str, CheckResult] = {}
     try:
         for check in selected:
@@ -233,7 +238,8 @@ def _finish(
     counts = result.counts()
     report(
         f"verdict {result.verdict}: {counts[PASSED]} passed, {counts[FAILED]} "
-        f"failed, {counts[SKIPPED]} skipped, {len(result.findings)} findings"
+        f"failed, {counts[SKIPPED]} skipped, {len(result.findings)} "
+        f"finding{'' if len(result.findings) == 1 else 's'}"
     )
     report(f"report: {markdown}")
     return result

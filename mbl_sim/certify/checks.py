@@ -1,9 +1,9 @@
 """The conformance checks of a board port, in the order they run.
 
-Each check verifies one thing that an MBL device must do on the board, on one
-device that boots once (``CertifyContext.running_device``); the update checks reboot
-it. Failures name the fault in board-file terms where the cause is clear from the
-console (a console that stays silent, a disk that never appears).
+Each check verifies one thing that an MBL device must do on the board. All run on one
+device that boots once (``CertifyContext.running_device``), and the update checks
+reboot it. Where the console shows the cause of a failure (a console that stays
+silent, a disk that never appears), the failure names it in board-file terms.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import re
 import shlex
 import time
 
+from mbl_sim import scenarios
 from mbl_sim.board import FLAGS_PARTITION
 from mbl_sim.certify.registry import (
     CertifyContext,
     CheckFailed,
+    CheckSkipped,
     plugin_check,
     register,
 )
@@ -32,11 +34,60 @@ INSTALL_TIMEOUT = 600.0
 
 
 # --------------------------------------------------------------------------
+# The boot loader's own environment
+
+
+def _check_saveenv_writes_fat(context: CertifyContext) -> None:
+    """Run ``saveenv`` at the U-Boot prompt of a second device and check that it
+    wrote ``uboot.env`` on the boot partition, as firmware.own_env says."""
+    board = context.board
+    disk = f"{board.storage.uboot_command} 0:{board.storage.layout['boot'].number:x}"
+    workdir = context.workdir / "firmware-env"
+    with Device(context.images, workdir, name="firmware-env") as device:
+        device.power_on(wait="uboot", timeout=context.boot_timeout)
+        saved = device.uboot("saveenv")
+        listing = device.uboot(f"fatls {disk}")
+    if "FAT" not in saved or "uboot.env" not in listing:
+        raise CheckFailed(
+            "firmware.own_env is fat-file, but saveenv printed "
+            f"{saved.strip()!r} and the boot partition lists {listing.strip()!r}"
+        )
+
+
+@register(
+    "firmware-environment",
+    "where the boot loader's own saveenv writes, and whether that survives power loss",
+)
+def check_firmware_environment(context: CertifyContext) -> str | None:
+    firmware = context.board.firmware
+    if not firmware.is_u_boot:
+        context.facts["firmware"] = "none: QEMU loads kernel, device tree and initramfs"
+        return "no boot loader runs, so nothing but the initramfs writes boot state"
+    context.facts["firmware"] = f"{firmware.package}: {firmware.path}"
+    if firmware.own_env == "fat-file":
+        _check_saveenv_writes_fat(context)
+        context.add_finding(
+            "firmware-environment",
+            "U-Boot's own environment is a FAT file (uboot.env), not power-safe",
+            "This U-Boot build stores its environment with saveenv as uboot.env on "
+            "the first FAT partition. fatwrite rewrites the file's data and the FAT "
+            "in place, so a power cut during saveenv can leave the file or the "
+            "filesystem damaged, and there is one copy only. The MBL boot policy "
+            "does not use it: the boot script keeps its variables in the two "
+            "redundant copies in the raw area, written one copy at a time. Do not "
+            "run saveenv on deployed devices.",
+        )
+        return "saveenv wrote uboot.env on the FAT boot partition (a finding)"
+    return "U-Boot's own environment store is unusable; the boot script keeps its own"
+
+
+# --------------------------------------------------------------------------
 # Boot and console
 
 
 def _diagnose_boot(context: CertifyContext, error: Exception) -> str:
-    """Return what the console transcript says about a failed boot, in board terms."""
+    """Return the cause of a failed boot that the console transcript shows, in
+    board-file terms."""
     board = context.board
     transcript = context.workdir / "device" / "console.log"
     try:
@@ -81,12 +132,14 @@ def check_boot(context: CertifyContext) -> str | None:
         device = context.running_device()
     except (ConsoleTimeoutError, ConsoleAbortError) as error:
         raise CheckFailed(f"{_diagnose_boot(context, error)}\n{error}") from error
+
     tty = device.check_output("tty").strip()
     if tty != f"/dev/{board.console.device}":
         raise CheckFailed(
             f"the shell runs on {tty}, not on /dev/{board.console.device} "
             "(console.device)"
         )
+
     model = device.check_output("cat /proc/device-tree/model; echo").strip("\x00\n")
     release = device.check_output("uname -r").strip()
     context.facts["kernel release (running)"] = release
@@ -103,6 +156,7 @@ def check_boot(context: CertifyContext) -> str | None:
             f"the running kernel is {release}, the image build installed "
             f"{context.images.kernel_release}"
         )
+
     seconds = context.boot_seconds or 0.0
     context.facts["boot to shell"] = f"{seconds:.1f} s"
     return (
@@ -140,12 +194,14 @@ def check_storage(context: CertifyContext) -> str | None:
             "running device; /proc/partitions lists:\n"
             + device.check_output("cat /proc/partitions")
         )
+
     disk_size = _block_size(device, storage.guest_disk)
     if disk_size != storage.size:
         problems.append(
             f"{storage.guest_disk} has {disk_size} bytes, "
             f"storage.size is {storage.size}"
         )
+
     for partition in storage.layout:
         path = partition.device
         if device.run(f"test -b {path}").exit_status != 0:
@@ -161,6 +217,7 @@ def check_storage(context: CertifyContext) -> str | None:
             problems.append(
                 f"{path} is named {name!r} in the GPT, expected {partition.name!r}"
             )
+
     mounts = device.check_output("cat /proc/mounts")
     root_device = storage.layout[SLOT_PARTITIONS["a"]].device
     if f"{root_device} / " not in mounts and device.running_slot() != "a":
@@ -168,6 +225,7 @@ def check_storage(context: CertifyContext) -> str | None:
     transfer = storage.transfer.guest_disk
     if device.run(f"test -b {transfer}").exit_status != 0:
         problems.append(f"transfer disk {transfer} (storage.transfer) does not exist")
+
     if problems:
         raise CheckFailed("; ".join(problems))
     context.facts["storage"] = f"{storage.guest_disk} ({storage.interface})"
@@ -252,32 +310,6 @@ def check_boot_state(context: CertifyContext) -> str | None:
         f"{env.offsets[0]:#x} and {env.offsets[1]:#x}, {env.size:#x} bytes each"
     )
     return _check_env_interop(context, device)
-
-
-@register(
-    "firmware-environment",
-    "where the boot loader's own saveenv writes, and whether that survives power loss",
-)
-def check_firmware_environment(context: CertifyContext) -> str | None:
-    firmware = context.board.firmware
-    if not firmware.is_u_boot:
-        context.facts["firmware"] = "none: QEMU loads kernel, device tree and initramfs"
-        return "no boot loader runs, so nothing but the initramfs writes boot state"
-    context.facts["firmware"] = f"{firmware.package}: {firmware.path}"
-    if firmware.own_env == "fat-file":
-        context.add_finding(
-            "firmware-environment",
-            "U-Boot's own environment is a FAT file (uboot.env), not power-safe",
-            "This U-Boot build stores its environment with saveenv as uboot.env on "
-            "the first FAT partition. fatwrite rewrites the file's data and the FAT "
-            "in place, so a power cut during saveenv can leave the file or the "
-            "filesystem damaged, and there is one copy only. The MBL boot policy "
-            "does not use it: the boot script keeps its variables in the two "
-            "redundant copies in the raw area, written one copy at a time. Do not "
-            "run saveenv on deployed devices.",
-        )
-        return "saveenv writes uboot.env on FAT (reported as a finding)"
-    return "U-Boot's own environment store is unusable; the boot script keeps its own"
 
 
 # --------------------------------------------------------------------------
@@ -368,9 +400,11 @@ def check_rollback(context: CertifyContext) -> str | None:
             modes={"usr/sbin/init": 0o755},
         ),
     )
+
     on_device = device.deliver(payload)
     command = f"mbl-update install --no-reboot {shlex.quote(on_device)}"
     device.run(command, INSTALL_TIMEOUT, check=True)
+
     bootlimit = context.board.boot.bootlimit
     started = time.monotonic()
     device.console.sendline("reboot")
@@ -381,6 +415,7 @@ def check_rollback(context: CertifyContext) -> str | None:
         raise CheckFailed(
             f"no rollback within {bootlimit} failed boots:\n{error}"
         ) from error
+
     seconds = time.monotonic() - started
     status = device.status()
     problems = []
@@ -399,13 +434,31 @@ def check_rollback(context: CertifyContext) -> str | None:
 # Checks that other parts of mbl-sim provide
 
 
-plugin_check(
+def _run_scenario(context: CertifyContext, name: str) -> str:
+    """Run the scenario ``name`` of `mbl_sim.scenarios` on the shared device."""
+    function = scenarios.SCENARIOS.get(name)
+    if function is None:
+        raise CheckSkipped(
+            f"not available: mbl_sim.scenarios has no scenario {name!r}; known: "
+            f"{', '.join(scenarios.scenario_names())}"
+        )
+    result = scenarios.ScenarioResult(name=name, passed=False, seconds=0.0)
+    device = context.running_device()
+    report = context.report
+    function(scenarios.ScenarioContext(device, context.images, report, result))
+    steps = len(result.steps)
+    return f"scenario {name}: {steps} steps passed"
+
+
+@register(
     "app-update",
-    "an application update installs, and a failing one rolls back",
-    "mbl_sim.ipk:certify_app_update",
+    "applications install, and an upgrade whose application fails rolls back",
     requires=("boot",),
-    purpose="the application update check comes with mbl-sim's application updates",
+    core=False,
 )
+def check_app_update(context: CertifyContext) -> str | None:
+    return _run_scenario(context, "apps-rollback")
+
 
 plugin_check(
     "power-cut",

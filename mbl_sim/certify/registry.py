@@ -7,7 +7,7 @@ registration order; a check whose ``requires`` did not pass is skipped with the 
 of the check that blocked it.
 
 Other modules add checks with :func:`register`. A *plugin check* names a function in
-another module (``module:function``); when the module or the function is missing,
+another module (``module:function``). When the module or the function is missing,
 the check is skipped as "not available", so certification runs before that module
 exists.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mbl_sim.board import Board
-from mbl_sim.device import Device
+from mbl_sim.device import BOOT_TIMEOUT, Device
 from mbl_sim.errors import MblSimError
 from mbl_sim.images.recipe import DeviceImages
 
@@ -47,11 +47,11 @@ SKIPPED = "skipped"
 
 
 class CheckFailed(MblSimError):
-    """A certification check found the board wrong; the message says what and where."""
+    """A certification check found the board wrong; the message names the fault."""
 
 
 class CheckSkipped(MblSimError):
-    """A certification check cannot run here; the message says why."""
+    """A certification check cannot run here; the message gives the reason."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Finding:
 
 @dataclass
 class CertifyContext:
-    """What the checks share: the board, its images, one device and the findings.
+    """State shared by the checks: the board, its images, one device, the findings.
 
     The first check that needs a running device boots ``device``; later checks
     reuse it. ``facts`` collects what the report lists about the board (kernel
@@ -86,6 +86,8 @@ class CertifyContext:
     facts: dict[str, str] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     boot_seconds: float | None = None
+    boot_timeout: float = BOOT_TIMEOUT
+    """Seconds each stage of a boot (U-Boot, shell) may take."""
 
     def running_device(self) -> Device:
         """Return the shared device, booting it to its shell first if needed.
@@ -98,7 +100,7 @@ class CertifyContext:
         if self.device is None:
             self.device = Device(self.images, self.workdir / "device", name="certify")
         started = time.monotonic()
-        self.device.power_on()
+        self.device.power_on(timeout=self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
         return self.device
 
@@ -187,7 +189,7 @@ def plugin_check(
 
     The function takes the context and returns a detail line, as any check. Until
     the module defines it, the check is skipped with "not available" and
-    ``purpose``, so a report says what is missing. Plugin checks are not core.
+    ``purpose``, so a report names what is missing. Plugin checks are not core.
     """
     module_name, _, function_name = target.partition(":")
 

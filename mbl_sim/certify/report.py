@@ -48,9 +48,11 @@ class CertificationReport:
     command: str
     workdir: Path
     error: str = ""
-    """Why certification stopped before the checks ran (the image build failed)."""
+    """Reason certification stopped before the checks ran (a failed image build)."""
     details: dict[str, str] = field(default_factory=dict)
     """Long failure output by check name."""
+    not_selected: list[str] = field(default_factory=list)
+    """Core checks left out of this run (``--check``, ``--skip``)."""
 
     @property
     def verdict(self) -> str:
@@ -59,7 +61,7 @@ class CertificationReport:
         if self.error or any(r.status == FAILED for r in self.results):
             return FAIL
         core = [r for r in self.results if r.core]
-        if core and all(r.status == PASSED for r in core):
+        if core and all(r.status == PASSED for r in core) and not self.not_selected:
             return PASS
         return INCOMPLETE
 
@@ -131,6 +133,9 @@ def write_markdown(report: CertificationReport, path: Path) -> None:
         f"and the device's disk overlays are in `{report.workdir}`.",
         "",
     ]
+    if report.not_selected:
+        names = ", ".join(f"`{name}`" for name in report.not_selected)
+        lines += [f"Core checks left out of this run: {names}.", ""]
     if report.error:
         lines += ["## Stopped before the checks", "", "```", report.error, "```", ""]
     lines += ["## Board facts", "", *_facts_table(report), ""]

@@ -16,9 +16,9 @@ Steps and what each one's cache key covers:
   → ``emmc.img``.
 
 U-Boot boards (``firmware.kind: u-boot``) boot ``boot.scr`` from the boot partition,
-which keeps the boot state in the redundant environment. Boards without a runnable
-U-Boot (``firmware.kind: none``) are started by QEMU with ``-kernel``, ``-dtb`` and
-``-initrd``; their initramfs keeps the boot state in flag files on the ``bootflags``
+which keeps the boot state in the redundant environment. QEMU starts boards without a
+runnable U-Boot (``firmware.kind: none``) with ``-kernel``, ``-dtb`` and ``-initrd``,
+and their initramfs keeps the boot state in flag files on the ``bootflags``
 partition.
 """
 
@@ -54,7 +54,7 @@ FIRMWARE_FILE = "u-boot.bin"
 SLOT_PARTITIONS = {"a": "rootfs1", "b": "rootfs2"}
 DEFAULT_SLOT = "a"
 FLAGS_MOUNT_POINT = "/mnt/flags"
-"""Where the root filesystem mounts the bootflags partition of flag-file boards."""
+"""Mount point of the bootflags partition on flag-file boards."""
 
 # Bytes from the board's buffer_address: the two environment copies and a scratch
 # area (1 MiB each), then room for a compressed kernel before U-Boot unzips it.
@@ -95,9 +95,9 @@ def recipe_dir() -> Path:
 class DeviceImages:
     """Everything a device of one board boots from, and what it was built from.
 
-    ``firmware`` is the U-Boot image when it comes from the build (else the board
-    file's host path applies); ``dtb`` is the checked device tree, patched for
-    direct boot on boards without U-Boot; ``bootargs`` is the kernel command line
+    ``firmware`` is the U-Boot image when the build unpacked it, else None and the
+    board file's host path applies. ``dtb`` is the checked device tree, patched for
+    direct boot on boards without U-Boot. ``bootargs`` is the kernel command line
     that QEMU passes with ``-append`` on those boards.
     """
 
@@ -282,12 +282,9 @@ class ImageBuilder:
         if board.firmware.is_u_boot:
             return ""
         # The initramfs finds the slots and the flag partition in its
-        # /etc/mbl-boot.conf. mbl.loglevel=4 keeps late driver messages (i.MX:
-        # "deferred probe pending" after 10 s) off the console the shell shares.
-        return (
-            f"console={board.console.device},{board.console.baud} rootwait panic=5 "
-            "mbl.loglevel=4"
-        )
+        # /etc/mbl-boot.conf, so the command line names neither.
+        arguments = f"console={board.console.device},{board.console.baud} rootwait"
+        return f"{arguments} panic=5 {board.kernel.bootargs}".strip()
 
     def direct_boot_patch(self, initrd_size: int) -> devicetree.DirectBootPatch | None:
         """Return what the device tree needs for direct boot, or None with U-Boot."""
@@ -478,7 +475,7 @@ class ImageBuilder:
             "BOOT_PART": f"{layout['boot'].number:x}",
             "CONSOLE": f"{board.console.device},{board.console.baud}",
             "INITRD_FILE": INITRD_FILE,
-            "EXTRA_BOOTARGS": "",
+            "EXTRA_BOOTARGS": board.kernel.bootargs,
             "BOOTLIMIT": str(board.boot.bootlimit),
             "BOOT_COMMAND": board.kernel.boot_command,
         }

@@ -313,14 +313,13 @@ def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 def _copy_range(
     source: int, target: int, source_offset: int, target_offset: int, length: int
 ) -> None:
-    """Copy bytes between two files in the kernel where it can, else by reading."""
+    """Copy bytes between two files inside the kernel where it can, else by reading.
+
+    copy_file_range fails with EXDEV between two filesystems (Linux 5.19 and
+    later), where sendfile still copies in the kernel.
+    """
     while length > 0:
-        try:
-            copied = os.copy_file_range(
-                source, target, length, source_offset, target_offset
-            )
-        except OSError:
-            copied = 0
+        copied = _kernel_copy(source, target, source_offset, target_offset, length)
         if copied == 0:
             chunk = os.pread(source, min(length, 1 << 22), source_offset)
             if not chunk:
@@ -329,6 +328,20 @@ def _copy_range(
         source_offset += copied
         target_offset += copied
         length -= copied
+
+
+def _kernel_copy(
+    source: int, target: int, source_offset: int, target_offset: int, length: int
+) -> int:
+    try:
+        return os.copy_file_range(source, target, length, source_offset, target_offset)
+    except OSError:
+        pass
+    try:
+        os.lseek(target, target_offset, os.SEEK_SET)
+        return os.sendfile(target, source, source_offset, length)
+    except OSError:
+        return 0
 
 
 def sparse_copy(

@@ -65,8 +65,8 @@ def test_armed_cut_on_partition_write(device_factory: Callable[..., Device]) -> 
     assert "partition home" in cut.trigger
     assert cut.state.point > cut.armed_at
     device.power_on()
-    # Only the first write reached the disk, so the file is not there, but the
-    # filesystem mounts.
+    # The power failed right after the first write into the partition, before the
+    # file's journal commit, so the file is missing but the filesystem mounts.
     assert device.run("test -e /home/kept").exit_status == 1
     assert device.booted_slot == "a"
 

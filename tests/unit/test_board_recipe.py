@@ -61,6 +61,18 @@ def test_rpi3_script_reads_mmc_and_unzips() -> None:
     assert lines[initrd + 1] == "booti ${kaddr} ${raddr}:${filesize} ${faddr}"
 
 
+def test_script_appends_board_bootargs() -> None:
+    rpi3 = [line for line in script_lines("rpi3") if line.startswith("setenv bootargs")]
+    a53 = [
+        line
+        for line in script_lines("qemu-virt-a53")
+        if line.startswith("setenv bootargs")
+    ]
+
+    assert rpi3[0].endswith('mbl.envcopy=${env_copy} mbl.loglevel=4"')
+    assert a53[0].endswith('mbl.envcopy=${env_copy} "')
+
+
 def test_script_keeps_boot_loader_addresses_before_import() -> None:
     lines = script_lines("rpi3")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mbl_sim.board import Board, load_board
+from mbl_sim.campaign.__main__ import main as campaign_main
 from mbl_sim.campaign.bundle import replay, write_bundle
 from mbl_sim.campaign.checks import StateView, check_on_host
 from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, PlanOptions, plan_states
@@ -472,3 +473,31 @@ def test_bundle_rejects_changed_log(
 
     with pytest.raises(ConfigError, match="SHA-256"):
         replay(bundle, boot=False)
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def test_cli_replays_bad_bundle(
+    bad_recording: Recording,
+    virt_board: Board,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = bad_result(bad_recording, virt_board, tmp_path)
+    bundle = write_bundle(bad_recording, result, tmp_path / "bundle", campaign_seed=0)
+
+    status = campaign_main(["replay", str(bundle), "--no-boot"])
+
+    output = capsys.readouterr().out
+    assert status == 1
+    assert "bad state reproduced" in output
+    assert "problem: slot b: /etc/mbl-version is '2.0.0-half'" in output
+
+
+def test_cli_rejects_boot_share_above_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        campaign_main(["campaign", "rootfs", "--boot-share", "1.5"])
+
+    assert exit_info.value.code == 2
+    assert "expected a number from 0 to 1, got 1.5" in capsys.readouterr().err

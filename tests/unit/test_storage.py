@@ -44,7 +44,7 @@ def sectors(value: int, count: int = 1) -> bytes:
 
 
 def make_base(tmp_path: Path) -> Path:
-    """A 64 KiB raw disk: sector N holds the byte N + 1 (a hole after 16 KiB)."""
+    """A 64 KiB raw disk: sector N contains the byte N + 1, and a hole after 16 KiB."""
     base = tmp_path / "base.raw"
     with base.open("wb") as stream:
         for number in range(32):
@@ -262,7 +262,7 @@ def test_random_subset_is_seeded(tmp_path: Path) -> None:
     assert 0 < len(first.kept) < 40
 
 
-def test_tear_cuts_a_multi_sector_write_on_a_sector(tmp_path: Path) -> None:
+def test_tear_cuts_on_sector_boundary(tmp_path: Path) -> None:
     log = read_log(write_example_log(tmp_path / "w.log"))
 
     for seed in range(20):

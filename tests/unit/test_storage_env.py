@@ -56,7 +56,8 @@ def record_flip(tmp_path: Path, other_copy: bytes) -> tuple[Path, WriteLog]:
     before_bytes, after_bytes = base.read_bytes(), after.read_bytes()
     changed = [i for i in range(IMAGE_SIZE) if before_bytes[i] != after_bytes[i]]
     # One write of one whole copy, in the place of the copy that was not current.
-    assert OFFSETS[1] <= changed[0] and changed[-1] < OFFSETS[1] + SIZE
+    assert changed[0] >= OFFSETS[1]
+    assert changed[-1] < OFFSETS[1] + SIZE
     log_path = tmp_path / "flip.log"
     with LogWriter(log_path) as writer:
         writer.write(OFFSETS[1], after_bytes[OFFSETS[1] : OFFSETS[1] + SIZE])
