@@ -49,8 +49,13 @@ def raw_qemu_boot(images: DeviceImages, workdir: Path) -> float:
         board, [overlay, transfer], workdir / "raw-qmp.sock", boot=device.boot_files()
     )
     started = time.monotonic()
+    # The i.MX UARTs emit a stray non-UTF-8 byte when they start.
     child = pexpect.spawn(
-        command[0], command[1:], encoding="utf-8", timeout=BOOT_TIMEOUT
+        command[0],
+        command[1:],
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=BOOT_TIMEOUT,
     )
     try:
         if board.firmware.is_u_boot:

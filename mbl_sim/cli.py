@@ -7,6 +7,8 @@
     mbl-sim boards                                list the shipped boards
     mbl-sim certify BOARD [--check NAME ...]      certify a board port, write a report
     mbl-sim board new NAME                        write a board file from the template
+    mbl-sim campaign SCENARIO [options]           check every crash state of an update
+    mbl-sim replay BUNDLE                         rebuild, check and boot a bad state
 
 Exit status: 0 success, 1 a scenario or build failed, 2 invalid usage or configuration.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from mbl_sim import scenarios
 from mbl_sim.board import DEFAULT_BOARD, Board, board_names, check_host, load_board
+from mbl_sim.campaign import cli as campaign_cli
 from mbl_sim.certify import command as certify_command
 from mbl_sim.errors import BuildError, ConfigError, MblSimError
 from mbl_sim.images.cache import default_cache_dir
@@ -126,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("boards", help="list the shipped boards")
     certify_command.add_parsers(commands)
+    campaign_cli.add_parsers(commands)
     return parser
 
 
@@ -333,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "payload": _cmd_payload,
         "boards": _cmd_boards,
         **certify_command.COMMANDS,
+        **campaign_cli.COMMANDS,
     }
     try:
         return handlers[args.command](args)

@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 UBOOT_AUTOBOOT = r"Hit any key to stop autoboot"
 UBOOT_PROMPT = r"=> "
-SYSTEM_READY = r"mbl: system ready, slot (?P<slot>[a-z]+), version (?P<version>\S+)"
+SYSTEM_READY = (
+    r"mbl: system ready, slot (?P<slot>[a-z]+), version (?P<version>\S+)\r?\n"
+)
 
 TRANSFER_MAGIC = b"MBLSIMXF"
 TRANSFER_HEADER = struct.Struct("<8sIQI")  # magic, format 2, length, CRC-32

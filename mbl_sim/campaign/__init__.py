@@ -12,10 +12,12 @@ reproduces.
 Modules: ``updates`` (what is recorded), ``record``, ``plan``, ``checks`` (host
 checks), ``boot`` (boot checks), ``runner`` (worker processes), ``report``,
 ``bundle`` (bundles and replay), ``apps`` (the application check), ``ext4``,
-``run`` (the whole campaign) and ``cli``.
+``run`` (the whole campaign), ``certify`` (the check of ``mbl-sim certify``) and
+``cli``.
 """
 
 from mbl_sim.campaign.bundle import ReplayResult, replay, write_bundle
+from mbl_sim.campaign.certify import certify_power_cut
 from mbl_sim.campaign.checks import HostCheck, StateView, register_host_check
 from mbl_sim.campaign.plan import PlannedState, PlanOptions, plan_states
 from mbl_sim.campaign.record import Recording, record
@@ -38,6 +40,7 @@ __all__ = [
     "ReplayResult",
     "StateView",
     "UpdateScenario",
+    "certify_power_cut",
     "check_recording",
     "plan_states",
     "record",

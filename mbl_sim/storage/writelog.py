@@ -209,6 +209,9 @@ def _read_stream(path: Path, fd: int, disk_size: int | None) -> WriteLog:
         if problem is None:
             entry = _entry(len(entries), header, position, sector_size)
             problem = _entry_problem(entry, file_size, disk_size)
+        # NOTE: after a SIGKILL, a request whose log write was cut short can leave
+        # zeros inside an entry's data that a later entry's write made the file
+        # long enough to cover; such an entry reads as complete.
         if entry is None or problem is not None:
             if len(entries) < counted:
                 raise ConfigError(

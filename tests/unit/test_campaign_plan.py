@@ -17,6 +17,7 @@ import pytest
 from mbl_sim.board import Board, load_board
 from mbl_sim.campaign.__main__ import main as campaign_main
 from mbl_sim.campaign.bundle import replay, write_bundle
+from mbl_sim.campaign.certify import certify_power_cut
 from mbl_sim.campaign.checks import StateView, check_on_host
 from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, PlanOptions, plan_states
 from mbl_sim.campaign.record import (
@@ -27,6 +28,7 @@ from mbl_sim.campaign.record import (
 )
 from mbl_sim.campaign.report import ReportInput, write_junit, write_markdown, write_svg
 from mbl_sim.campaign.runner import StateResult, WorkerSettings, check_states
+from mbl_sim.certify.registry import CertifyContext, CheckSkipped
 from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import DeviceImages
 from mbl_sim.storage import CrashState, LogWriter, WriteLog, image_digest, read_log
@@ -501,3 +503,20 @@ def test_cli_rejects_boot_share_above_one(capsys: pytest.CaptureFixture[str]) ->
 
     assert exit_info.value.code == 2
     assert "expected a number from 0 to 1, got 1.5" in capsys.readouterr().err
+
+
+def test_certify_skips_board_without_environment(tmp_path: Path) -> None:
+    board = load_board("imx6ul-evk")
+    images = DeviceImages(
+        board=board,
+        disk=tmp_path / "emmc.img",
+        kernel=tmp_path / "Image",
+        initrd=tmp_path / "initrd.img",
+        rootfs=tmp_path / "rootfs",
+        kernel_release="",
+        factory_version="1.0.0",
+    )
+    context = CertifyContext(board, images, tmp_path, report=lambda message: None)
+
+    with pytest.raises(CheckSkipped, match="flag files"):
+        certify_power_cut(context)
