@@ -2,10 +2,10 @@
 
 For each board, in one invocation so that the figures share the machine's load:
 
-- raw boot: QEMU started by pexpect alone with the command line the harness uses (same
-  firmware or kernel, device tree, disk overlay, its QMP socket left unused),
-  driven to the shell prompt: U-Boot's countdown stopped and ``boot`` typed on U-Boot
-  boards, nothing on boards that QEMU boots directly;
+- raw boot: QEMU started by pexpect alone with the command line the harness uses:
+  same firmware or kernel, device tree and disk overlay, its QMP socket left unused.
+  It is driven to the shell prompt, with U-Boot's countdown stopped and ``boot`` typed
+  on U-Boot boards;
 - harness boot: ``Device.power_on()`` to its shell (overlay, QMP, console, shell setup);
 - certification: ``mbl-sim certify`` of the board with every check (skipped when
   ``--no-certify`` is given).
@@ -44,12 +44,14 @@ def raw_qemu_boot(images: DeviceImages, workdir: Path) -> float:
     transfer = workdir / "raw-transfer.img"
     with transfer.open("wb") as stream:
         stream.truncate(1 << 30)
+
     device = Device(images, workdir / "raw-files")
     command = qemu_command(
         board, [overlay, transfer], workdir / "raw-qmp.sock", boot=device.boot_files()
     )
+
     started = time.monotonic()
-    # The i.MX UARTs emit a stray non-UTF-8 byte when they start.
+    # The mcimx6ul-evk console printed a byte that is not UTF-8 (0xb2) in one run.
     child = pexpect.spawn(
         command[0],
         command[1:],

@@ -2,8 +2,10 @@
 
 The passing run takes the board from ``--board`` (repeatable; default qemu-virt-a53),
 so ``pytest --board rpi3 --board imx7-warp tests/integration/test_certify_boards.py``
-certifies those boards. The broken board files are variants of qemu-virt-a53, which
-every host that runs the integration tests can boot.
+certifies those boards. One SD-attached board, which boots without U-Boot and keeps its
+boot state in flag files, is certified in every run as well, so that both boot-state
+mechanisms and both storage kinds are covered. The broken board files are variants of
+qemu-virt-a53, which every host that runs the integration tests can boot.
 """
 
 from __future__ import annotations
@@ -22,9 +24,20 @@ from mbl_sim.cli import main
 pytestmark = pytest.mark.qemu
 
 BOARDS_DIR = Path(__file__).parents[2] / "mbl_sim" / "boards"
+SD_BOARD = "imx6ul-evk"
 
 
 def test_certify_passes(board: Board, tmp_path: Path) -> None:
+    assert_certified(board, tmp_path)
+
+
+def test_certify_sd_board_passes(tmp_path: Path) -> None:
+    board = load_board(SD_BOARD)
+    assert board.storage.interface == "sd"
+    assert_certified(board, tmp_path)
+
+
+def assert_certified(board: Board, tmp_path: Path) -> None:
     report = certify(board, tmp_path, report=print)
 
     failed = [r for r in report.results if r.status == "failed"]
