@@ -234,7 +234,7 @@ class Device:
         Without the storage model every write that reached the host file survives
         and this returns None. With it (`attach_storage_model`), ``policy`` decides
         which writes that no flush covered survive (by default none), and the
-        returned record says what reproduces the cut.
+        returned record holds what reproduces the cut.
         """
         machine = self._running()
         self._log.warning("power cut (SIGKILL to QEMU pid %d)", machine.pid)

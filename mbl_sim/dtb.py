@@ -246,10 +246,10 @@ def _join_cells(words: list[int]) -> int:
 
 @dataclass(frozen=True)
 class TreeSummary:
-    """What a certification report shows about a board's device tree."""
+    """Summary of a board's device tree for the certification report."""
 
     source: str
-    """Where the tree came from: a file of the kernel package or QEMU's dump."""
+    """Origin of the tree: a file of the kernel package or QEMU's dump."""
     model: str
     compatible: list[str]
     memory_node: str
@@ -345,7 +345,7 @@ def check_board_nodes(tree: Fdt, board: Board) -> TreeSummary:
 
 @dataclass(frozen=True)
 class DirectBootPatch:
-    """What ``/chosen`` gets when QEMU boots the kernel without a boot loader."""
+    """Values for ``/chosen`` when QEMU boots the kernel without a boot loader."""
 
     bootargs: str
     stdout_path: str

@@ -133,7 +133,7 @@ def device_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., Device]]:
     """Return ``make(name="device", power_on=True) -> Device``; every device made is
-    powered off after the test, and its directory kept as --keep-devices says."""
+    powered off after the test, and its directory kept as --keep-devices selects."""
     root = _device_root(request, tmp_path_factory)
     made: list[Device] = []
 
@@ -167,7 +167,7 @@ def device_factory(
 
 @pytest.fixture
 def device(device_factory: Callable[..., Device]) -> Device:
-    """A device booted to its shell on the factory slot."""
+    """Boot a device to its shell on the factory slot and return it."""
     return device_factory()
 
 
