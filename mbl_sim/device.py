@@ -461,7 +461,7 @@ class Device:
 
         With ``reboot`` (root filesystem updates) a successful install is followed by
         a reboot, and this returns when the shell is back. The updater's own reboot
-        is left out so that the harness sees its exit status and output first.
+        is left out so that the harness reads its exit status and output first.
 
         Raises:
             UpdateFailedError: ``check`` is set and the updater exited non-zero.

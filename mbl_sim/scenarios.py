@@ -44,7 +44,7 @@ class ScenarioResult:
 
 
 class ScenarioContext:
-    """What a scenario works with: its device, payload builders and step reporting."""
+    """Context of a scenario: its device, payload builders and step reporting."""
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ take either kind.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from updater import flagfile
@@ -45,7 +45,7 @@ FILESYSTEM_LABELS = {"a": "rootfs1", "b": "rootfs2"}
 """ext4 label of each slot's filesystem: the slot's partition name in the GPT."""
 
 BootStore = Sequence[EnvLocation] | flagfile.FlagFiles
-"""Where the boot state lives: the two environment copies, or the flag files."""
+"""Location of the boot state: the two environment copies, or the flag files."""
 
 
 def boot_store(config: DeviceConfig) -> BootStore:
@@ -253,20 +253,13 @@ def read_status(locations: BootStore, cmdline_path: str = PROC_CMDLINE) -> SlotS
     except SlotError as exc:
         log.warning("%s", exc)
         running = None
-    variables = env.variables
-    return SlotStatus(
-        running_slot=running,
-        active_slot=variables.get(ACTIVE_SLOT),
-        previous_slot=variables.get(PREVIOUS_SLOT),
-        upgrade_available=variables.get(UPGRADE_AVAILABLE),
-        bootcount=variables.get(BOOTCOUNT),
-        bootlimit=variables.get(BOOTLIMIT),
-        rolled_back_from=variables.get(ROLLED_BACK_FROM),
+    return _status_from(
+        env.variables,
+        running,
         env_copy=env.current + 1,
         env_location=env.current_location,
         env_flag=env.flag,
         other_copy_error=env.other_copy_error,
-        environment=dict(variables),
     )
 
 
@@ -279,7 +272,28 @@ def _flag_status(flags: flagfile.FlagFiles) -> SlotStatus:
     except SlotError as exc:
         log.warning("%s", exc)
         running = None
-    variables = state.variables
+    return _status_from(
+        state.variables,
+        running,
+        env_copy=1,
+        env_location=EnvLocation(flags.directory, 0, 0),
+        env_flag=0,
+        other_copy_error=None,
+        store="flag-files",
+    )
+
+
+def _status_from(
+    variables: Mapping[str, str],
+    running: str | None,
+    *,
+    env_copy: int,
+    env_location: EnvLocation,
+    env_flag: int,
+    other_copy_error: str | None,
+    store: str = "u-boot-env",
+) -> SlotStatus:
+    """Return the status of the boot policy variables of either boot-state store."""
     return SlotStatus(
         running_slot=running,
         active_slot=variables.get(ACTIVE_SLOT),
@@ -288,12 +302,12 @@ def _flag_status(flags: flagfile.FlagFiles) -> SlotStatus:
         bootcount=variables.get(BOOTCOUNT),
         bootlimit=variables.get(BOOTLIMIT),
         rolled_back_from=variables.get(ROLLED_BACK_FROM),
-        env_copy=1,
-        env_location=EnvLocation(flags.directory, 0, 0),
-        env_flag=0,
-        other_copy_error=None,
-        environment=variables,
-        store="flag-files",
+        env_copy=env_copy,
+        env_location=env_location,
+        env_flag=env_flag,
+        other_copy_error=other_copy_error,
+        environment=dict(variables),
+        store=store,
     )
 
 

@@ -39,7 +39,7 @@ INSTALL_TIMEOUT = 600.0
 
 def _check_saveenv_writes_fat(context: CertifyContext) -> None:
     """Run ``saveenv`` at the U-Boot prompt of a second device and check that it
-    wrote ``uboot.env`` on the boot partition, as firmware.own_env says."""
+    wrote ``uboot.env`` on the boot partition, as firmware.own_env declares."""
     board = context.board
     disk = f"{board.storage.uboot_command} 0:{board.storage.layout['boot'].number:x}"
     workdir = context.workdir / "firmware-env"

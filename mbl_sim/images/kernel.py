@@ -71,7 +71,7 @@ def unpack_kernel(deb: Path, destination: Path) -> KernelTree:
     """Unpack a ``linux-image-*`` package and index its modules with ``depmod``.
 
     Raises:
-        BuildError: the package holds no kernel or ``depmod`` fails.
+        BuildError: the package contains no kernel or ``depmod`` fails.
     """
     run(["dpkg-deb", "-x", deb, destination])
     modules = destination / "lib" / "modules"
@@ -119,7 +119,7 @@ def _read_aliases(tree: KernelTree) -> dict[str, str]:
 
 
 def _read_soft_dependencies(tree: KernelTree) -> dict[str, list[str]]:
-    """Map module name to the modules ``modules.softdep`` asks to load before it."""
+    """Map module name to the modules that ``modules.softdep`` loads before it."""
     table: dict[str, list[str]] = {}
     text = (tree.modules_dir / "modules.softdep").read_text()
     for match in re.finditer(

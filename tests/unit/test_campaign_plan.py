@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from mbl_sim.board import Board, load_board
-from mbl_sim.campaign.__main__ import main as campaign_main
 from mbl_sim.campaign.bundle import replay, write_bundle
 from mbl_sim.campaign.certify import certify_power_cut
 from mbl_sim.campaign.checks import StateView, check_on_host
@@ -29,6 +28,7 @@ from mbl_sim.campaign.record import (
 from mbl_sim.campaign.report import ReportInput, write_junit, write_markdown, write_svg
 from mbl_sim.campaign.runner import StateResult, WorkerSettings, check_states
 from mbl_sim.certify.registry import CertifyContext, CheckSkipped
+from mbl_sim.cli import main as campaign_main
 from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import DeviceImages
 from mbl_sim.storage import CrashState, LogWriter, WriteLog, image_digest, read_log
