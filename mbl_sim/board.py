@@ -331,6 +331,15 @@ class StorageConfig:
         return f"{self.guest_disk}{self.partition_prefix}{number}"
 
     @property
+    def write_cache(self) -> bool:
+        """Whether the disk has a volatile write cache that the guest must flush.
+
+        QEMU's virtio disk offers one. An SD card has none: Linux sends it no
+        flushes, and a write is on the medium once the card completed it.
+        """
+        return self.interface not in SD_INTERFACES
+
+    @property
     def uboot_command(self) -> str:
         """U-Boot's command for this disk: ``virtio`` or ``mmc``."""
         return _UBOOT_STORAGE_COMMANDS[self.interface]
@@ -896,8 +905,9 @@ def _parse_storage(node: _Node) -> StorageConfig:
     # How QEMU attaches the disk image: virtio (virtio-blk-pci), sd (an SD card in
     # the SoC's own slot, -drive if=sd) or sdhci-pci (an SD card on a PCI SDHCI
     # controller, for virt).
-    # NOTE: no shipped board uses sdhci-pci, so its command line has not booted;
-    # u-boot-qemu 2023.01 has no MMC driver, so only a board without U-Boot could.
+    # NOTE: u-boot-qemu 2023.01 has no MMC driver, so sdhci-pci suits only a board
+    # without U-Boot; no shipped board uses it, and the integration tests boot a
+    # variant of qemu-virt-a15 with it.
     interface = _choice(section.get("interface"), ("virtio", *SD_INTERFACES))
     # The SoC's card slot for interface sd (-drive if=sd,index=N). Optional,
     # default 0; the WaRP7's eMMC is slot 2.

@@ -327,8 +327,9 @@ UBOOT_PROMPT = "=> "
 """The prompt of U-Boot's shell in Debian's u-boot-qemu builds."""
 
 
-def stop_autoboot(console: Console, timeout: float) -> None:
-    """Wait for U-Boot's autoboot countdown, stop it with a key, await the prompt.
+def stop_autoboot(console: Console, timeout: float, prompt: str = UBOOT_PROMPT) -> None:
+    """Wait for U-Boot's autoboot countdown, stop it with a key, await ``prompt``
+    (other builds than u-boot-qemu have other prompts, such as ``U-Boot> ``).
 
     U-Boot's banner is expected before the countdown, so UBOOT_BANNER does not
     end this wait.
@@ -341,7 +342,7 @@ def stop_autoboot(console: Console, timeout: float) -> None:
     with console.allowing(UBOOT_BANNER):
         console.expect("Hit any key to stop autoboot", timeout)
     console.send(" ")
-    console.expect(re.escape(UBOOT_PROMPT), timeout)
+    console.expect(re.escape(prompt), timeout)
 
 
 # --------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from types import TracebackType
 from typing import Any
 
 from mbl_sim.console import (
-    UBOOT_BANNER,
     CommandResult,
     Console,
     Shell,
@@ -46,7 +45,6 @@ from mbl_sim.storage import (
 log = logging.getLogger(__name__)
 
 UBOOT_AUTOBOOT = r"Hit any key to stop autoboot"
-UBOOT_PROMPT = r"=> "
 SYSTEM_READY = (
     r"mbl: system ready, slot (?P<slot>[a-z]+), version (?P<version>\S+)\r?\n"
 )
@@ -151,17 +149,8 @@ class Device:
 
     def wait_for_uboot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Wait for U-Boot's autoboot countdown, stop it and wait for its prompt."""
-        prompt = self.board.firmware.prompt
-        console = self.console
         with step(self._log, "wait for U-Boot"):
-            if prompt == UBOOT_PROMPT:
-                stop_autoboot(console, timeout)
-                return
-            # Builds with another prompt (rpi: "U-Boot> ").
-            with console.allowing(UBOOT_BANNER):
-                console.expect(UBOOT_AUTOBOOT, timeout)
-            console.send(" ")
-            console.expect(re.escape(prompt), timeout)
+            stop_autoboot(self.console, timeout, self.board.firmware.prompt)
 
     def uboot(self, command: str, timeout: float = 30.0) -> str:
         """Run one command at the U-Boot prompt and return its output."""
@@ -274,7 +263,10 @@ class Device:
             )
         if self.storage is None:
             self.storage = StorageModel(
-                self.disk, self.board.storage.size, name=self.name
+                self.disk,
+                self.board.storage.size,
+                name=self.name,
+                write_cache=self.board.storage.write_cache,
             )
         return self.storage
 

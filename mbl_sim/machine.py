@@ -222,11 +222,15 @@ class BlockdevDisk:
         nodes: the ``-blockdev`` option strings, children before their parents.
         top: the node name that the disk controller attaches.
         device_properties: extra ``-device`` properties, such as ``write-zeroes=off``.
+        drive: the same graph as the options of one ``-drive``, with the children's
+            options under dotted prefixes (``file.driver=qcow2``), for a card slot
+            that only ``-drive if=sd`` fills; None if the graph has no such form.
     """
 
     nodes: tuple[str, ...]
     top: str
     device_properties: tuple[str, ...] = ()
+    drive: str | None = None
 
 
 def _disk_args(interface: str, disks: Sequence[Path | BlockdevDisk]) -> list[str]:
@@ -257,9 +261,14 @@ def _blockdev_args(device: str, disk: BlockdevDisk) -> list[str]:
 def _sd_drive_args(index: int, disk: Path | BlockdevDisk) -> list[str]:
     """Return the options of an SD card in the SoC's card slot ``index``."""
     if isinstance(disk, BlockdevDisk):
-        raise ConfigError(
-            "an SD card slot (-drive if=sd) takes an image file, not a -blockdev graph"
-        )
+        if disk.drive is None:
+            raise ConfigError(
+                f"the disk graph with top node {disk.top} has no -drive form, and an"
+                " SD card slot (-drive if=sd) takes only -drive options"
+            )
+        # The SD card model has no properties such as write-zeroes: it writes one
+        # block per request and never discards or flushes.
+        return ["-drive", f"if=sd,index={index},{disk.drive}"]
     return ["-drive", f"if=sd,index={index},file={disk},format={disk_format(disk)}"]
 
 

@@ -179,19 +179,38 @@ def decode_copy(raw: bytes) -> EnvCopy:
         BootEnvCopyError: the copy is not longer than the header, the CRC does not
             match, or the data area has no empty entry that ends the list.
     """
-    if len(raw) <= HEADER_SIZE:
+    data = _checked_data(raw, HEADER_SIZE)
+    return EnvCopy(flag=raw[4], variables=_parse_data(data))
+
+
+def decode_single_copy(raw: bytes) -> dict[str, str]:
+    """Check and parse an environment in U-Boot's single-copy layout, ``crc32 |
+    data``, which a build without a redundant environment writes (for example into
+    ``uboot.env`` on a FAT partition); return its variables.
+
+    Raises:
+        BootEnvCopyError: the CRC does not match, or the data area has no empty
+            entry that ends the list.
+    """
+    return _parse_data(_checked_data(raw, 4))
+
+
+def _checked_data(raw: bytes, header_size: int) -> bytes:
+    """Return the data area after the ``header_size``-byte header, whose first four
+    bytes are the data's CRC32."""
+    if len(raw) <= header_size:
         raise BootEnvCopyError(
-            f"copy has {len(raw)} bytes, expected more than the {HEADER_SIZE}-byte"
-            " header"
+            f"environment has {len(raw)} bytes, expected more than the"
+            f" {header_size}-byte header"
         )
     stored_crc = int.from_bytes(raw[:4], "little")
-    data = raw[HEADER_SIZE:]
+    data = raw[header_size:]
     computed_crc = zlib.crc32(data)
     if stored_crc != computed_crc:
         raise BootEnvCopyError(
             f"CRC mismatch: stored {stored_crc:#010x}, computed {computed_crc:#010x}"
         )
-    return EnvCopy(flag=raw[4], variables=_parse_data(data))
+    return data
 
 
 def _parse_data(data: bytes) -> dict[str, str]:

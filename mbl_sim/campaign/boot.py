@@ -3,20 +3,22 @@
 The state's disk is attached through a qcow2 overlay, so booting does not change
 it. U-Boot's countdown is skipped at every start, and a reset (the initramfs
 reboots when it cannot mount its root, the boot script may roll back) counts as
-one more boot. The state is good when the device reaches its shell within
-``max_boots`` boots on a slot that runs the version expected of that slot.
+one more boot; on a board without a boot loader, each kernel start counts. The
+state is good when the device reaches its shell within ``max_boots`` boots on a
+slot that runs the version expected of that slot.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mbl_sim.console import UBOOT_BANNER
-from mbl_sim.device import SYSTEM_READY, UBOOT_AUTOBOOT, UBOOT_PROMPT, Device
+from mbl_sim.device import SYSTEM_READY, UBOOT_AUTOBOOT, Device
 from mbl_sim.errors import MblSimError
 from mbl_sim.images.recipe import DeviceImages
 from mbl_sim.machine import create_overlay
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 # Device.SYSTEM_READY ends at the version's last non-blank character, so it can
 # match before the whole version has arrived. The line end makes the match whole.
 SYSTEM_READY_LINE = SYSTEM_READY + r"\r?\n"
+
+KERNEL_START = r"Booting Linux on physical CPU"
+"""The kernel's first line, which starts each boot of a board without a boot
+loader (QEMU loads the kernel again at every reset)."""
 
 BOOT_TIMEOUT = 90.0
 """Seconds to wait for each step of a boot: U-Boot's countdown, then the shell.
@@ -43,7 +49,8 @@ class BootResult:
         problems: what went wrong; empty for a good state.
         slot: the slot that reached the shell, or None.
         version: the version it runs, or None.
-        boots: U-Boot starts seen; more than 1 means a failed boot or a rollback.
+        boots: U-Boot (or kernel) starts seen; more than 1 means a failed boot or
+            a rollback.
         seconds: how long the check took.
         transcript: the console transcript.
     """
@@ -67,9 +74,11 @@ def _boot_to_shell(
     device: Device, result: BootResult, max_boots: int, timeout: float
 ) -> None:
     console = device.console
+    uboot = device.board.firmware.is_u_boot
+    start = UBOOT_AUTOBOOT if uboot else KERNEL_START
     with console.allowing(UBOOT_BANNER):
         while True:
-            match = console.expect([UBOOT_AUTOBOOT, SYSTEM_READY_LINE], timeout)
+            match = console.expect([start, SYSTEM_READY_LINE], timeout)
             if match.index == 1:
                 result.slot = match.match.group("slot")
                 result.version = match.match.group("version")
@@ -78,9 +87,10 @@ def _boot_to_shell(
             if result.boots > max_boots:
                 result.problems.append(f"no shell after {max_boots} boots")
                 return
-            console.send(" ")
-            console.expect(UBOOT_PROMPT, timeout)
-            console.sendline("boot")
+            if uboot:
+                console.send(" ")
+                console.expect(re.escape(device.board.firmware.prompt), timeout)
+                console.sendline("boot")
 
 
 def boot_state(

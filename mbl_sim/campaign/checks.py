@@ -2,9 +2,12 @@
 
 For every state:
 
-1. the environment: both raw copies are decoded with the updater's own codec
-   (``updater.bootenv.decode_env``). At least one copy must be valid, and its
-   ``active_slot`` must name a slot;
+1. the boot state: on a board with a U-Boot environment, both raw copies are
+   decoded with the updater's own codec (``updater.bootenv.decode_env``); at least
+   one copy must be valid, and its ``active_slot`` must name a slot. On a board
+   with flag files, the bootflags partition's journal is replayed, ``e2fsck -n``
+   must find it clean, and the updater's own reader (``updater.flagfile``) reads
+   the flag files that debugfs copies out of it;
 2. that slot's filesystem, cut out of the disk: its journal is replayed as a
    mount would, then ``e2fsck -n -f`` must find it clean;
 3. that slot's content: ``/etc/mbl-version`` and the sampled files must match
@@ -28,15 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mbl_sim.board import Board
+from mbl_sim.board import FLAGS_PARTITION, Board
 from mbl_sim.campaign.apps import APPS_PARTITION, inspect_apps
 from mbl_sim.campaign.ext4 import check_filesystem, dump_files, replay_journal
 from mbl_sim.campaign.record import Recording, SlotExpectation
-from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import SLOT_PARTITIONS
 from mbl_sim.storage import CrashState, WriteLog, materialise, read_state
 from updater.bootenv import BootEnv, EnvLocation, decode_env
-from updater.errors import BootEnvError
+from updater.errors import BootEnvError, SlotError
+from updater.flagfile import ROLLED_BACK_FROM, ROOTFS2, TRIAL, FlagFiles, read_flags
 
 __all__ = [
     "HostCheck",
@@ -62,7 +65,8 @@ class StateView:
         window: the update's write log.
         state: the crash state.
         scratch: an empty directory the checks may use.
-        env: the environment the boot script would read, or None if none is valid.
+        env: the environment the boot script would read, or None if none is valid
+            or the board keeps flag files.
     """
 
     board: Board
@@ -122,10 +126,18 @@ class HostResult:
     seconds: float = 0.0
 
 
+def _read_boot_state(view: StateView) -> tuple[str | None, str]:
+    """Return the slot that the state boots (None if it cannot tell) and a summary
+    of the boot variables, or the problem, for the report."""
+    if view.board.storage.env is None:
+        return _read_flag_files(view)
+    env, summary = _read_env(view)
+    view.env = env
+    return (None if env is None else env.variables.get("active_slot", "")), summary
+
+
 def _read_env(view: StateView) -> tuple[BootEnv | None, str]:
-    env_config = view.board.storage.env
-    if env_config is None:
-        raise ConfigError(f"board {view.board.name} has no raw environment copies")
+    env_config = view.board.storage.require_env()
     locations = [
         EnvLocation(str(view.recording.base), offset, env_config.size)
         for offset in env_config.offsets
@@ -142,6 +154,32 @@ def _read_env(view: StateView) -> tuple[BootEnv | None, str]:
         f"{variables.get('upgrade_available')}"
     )
     return env, summary
+
+
+def _read_flag_files(view: StateView) -> tuple[str | None, str]:
+    image = view.partition_image(FLAGS_PARTITION)
+    problem = replay_journal(image) or check_filesystem(image)
+    if problem is not None:
+        return None, f"{FLAGS_PARTITION}: {problem}"
+    names = (ROOTFS2, TRIAL, ROLLED_BACK_FROM)
+    contents = dump_files(image, [f"/{name}" for name in names], view.scratch / "dump")
+    directory = view.scratch / "flag-files"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        data = contents[f"/{name}"]
+        if data is not None:
+            (directory / name).write_bytes(data)
+    flags = FlagFiles(str(directory), {}, view.board.boot.bootlimit)
+    try:
+        state = read_flags(flags)
+    except SlotError as error:
+        return None, f"{FLAGS_PARTITION}: {error}"
+    trial = "none" if state.trial_slot is None else f"{state.trial_slot}"
+    summary = (
+        f"flag files: active_slot={state.active_slot} trial={trial}"
+        f" bootcount={state.bootcount}"
+    )
+    return state.active_slot, summary
 
 
 def _check_content(
@@ -215,12 +253,10 @@ def check_on_host(view: StateView) -> HostResult:
     result = HostResult()
     view.scratch.mkdir(parents=True, exist_ok=True)
     try:
-        env, result.env = _read_env(view)
-        view.env = env
-        if env is None:
+        slot, result.env = _read_boot_state(view)
+        if slot is None:
             result.problems.append(result.env)
         else:
-            slot = env.variables.get("active_slot", "")
             result.active_slot = slot
             result.problems += _check_slot(view, slot)
         result.problems += _check_apps(view)

@@ -68,10 +68,12 @@ def replay_journal(image: Path) -> str | None:
     """Replay the filesystem's journal into ``image``, as the kernel does when it
     mounts it, and return None, or the problem when that fails.
 
-    e2fsck exits 0 or 1 when it replayed a journal or had none to replay
-    (``-E journal_only`` does nothing else).
+    e2fsck exits 0 or 1 when it replayed a journal or had none to replay. With
+    ``-y``, ``-E journal_only`` still repairs a damaged superblock or group
+    descriptor, which would hide the damage from the check that follows; in preen
+    mode (``-p``) e2fsck stops with exit code 4 instead.
     """
-    code, output = run_tool(["e2fsck", "-E", "journal_only", "-y", image])
+    code, output = run_tool(["e2fsck", "-E", "journal_only", "-p", image])
     if code in (0, 1):
         return None
     return f"journal replay failed (e2fsck exit code {code}): {_summary(output)}"

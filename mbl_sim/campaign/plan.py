@@ -1,11 +1,13 @@
 """The plan of the crash states that a campaign checks.
 
-The flushes of the update's write log split it into intervals. Interval k runs
-from the end of flush k-1 to the end of flush k (flush 0 is the start of the log).
-For each interval the plan contains:
+The durability points of the update's write log split it into intervals. A
+durability point is a flush, or a FUA write, whose data is durable once it
+completes; on a device without a write cache (an SD card) every write is one.
+Interval k runs from the end of point k-1 to the end of point k (point 0 is the
+start of the log). For each interval the plan contains:
 
-- ``fNNN``: the state after flush k, in which every earlier write is durable;
-  ``f000`` is the disk when the update started;
+- ``fNNN``: the state after point k, in which every earlier write that a flush or
+  FUA covered is durable; ``f000`` is the disk when the update started;
 - ``fNNN-sJ``: power fails while flush k is still running: a seeded random subset
   of the interval's writes reached the medium (neither none nor all of them,
   which are ``fNNN`` of the interval before and this one);
@@ -29,9 +31,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from mbl_sim.errors import ConfigError
-from mbl_sim.storage import CrashState, TornWrite, WriteLog
+from mbl_sim.storage import CrashState, LogEntry, TornWrite, WriteLog
 
-__all__ = ["DEFAULT_BOOT_STATES", "PlanOptions", "PlannedState", "plan_states"]
+__all__ = [
+    "DEFAULT_BOOT_STATES",
+    "PlanOptions",
+    "PlannedState",
+    "focus_intervals",
+    "plan_states",
+]
 
 DEFAULT_BOOT_STATES = 16
 """States booted when no boot share is given. A boot check takes about ten
@@ -157,8 +165,12 @@ def _interval_states(
     flush: int | None,
 ) -> list[PlannedState]:
     """Return the states of the interval whose writes are ``entries[start:end]`` and
-    whose flush is entry ``flush`` (None for the writes after the last flush)."""
-    cached = [entry.index for entry in log.entries[start:end] if entry.is_write]
+    whose durability point is entry ``flush`` (None for the writes after the last)."""
+    cached = [
+        entry.index
+        for entry in log.entries[start:end]
+        if entry.is_write and not entry.is_fua
+    ]
     prefix = f"f{interval:03d}" if flush is not None else "end"
     point = end
     states = _subset_variants(prefix, interval, point, cached, options)
@@ -171,29 +183,37 @@ def _interval_states(
     return states
 
 
+def _ends_interval(entry: LogEntry) -> bool:
+    return entry.is_flush or (entry.is_write and entry.is_fua)
+
+
 def _all_states(log: WriteLog, options: PlanOptions) -> list[PlannedState]:
     states = [PlannedState("f000", 0, "flush", 0, CrashState(0))]
     start = 0
     interval = 0
-    for flush in log.flush_indices():
-        interval += 1
-        states += _interval_states(log, options, interval, start, flush, flush)
-        start = flush + 1
+    for entry in log.entries:
+        if _ends_interval(entry):
+            interval += 1
+            index = entry.index
+            states += _interval_states(log, options, interval, start, index, index)
+            start = index + 1
     states += _interval_states(log, options, interval + 1, start, len(log), None)
     return states
 
 
-def _focus_intervals(
-    log: WriteLog, ranges: Sequence[tuple[int, int]], focus_after: int
-) -> set[int]:
+def focus_intervals(
+    log: WriteLog, ranges: Sequence[tuple[int, int]], focus_after: int = 0
+) -> frozenset[int]:
+    """Return the intervals with a write into one of the (offset, length) byte
+    ``ranges``, and the ``focus_after`` intervals after each."""
     focus: set[int] = set()
     interval = 1
     for entry in log.entries:
         if any(entry.overlaps(offset, length) for offset, length in ranges):
             focus.update(range(interval, interval + focus_after + 1))
-        if entry.is_flush:
+        if _ends_interval(entry):
             interval += 1
-    return focus
+    return frozenset(focus)
 
 
 def _spread(items: Sequence[PlannedState], count: int) -> list[PlannedState]:
@@ -236,7 +256,7 @@ def plan_states(
 
     ``focus_ranges`` are (offset, length) byte ranges of the disk.
     """
-    focus = _focus_intervals(log, focus_ranges, options.focus_after)
+    focus = focus_intervals(log, focus_ranges, options.focus_after)
     states = [
         replace(state, focus=state.interval in focus)
         for state in _all_states(log, options)

@@ -95,8 +95,8 @@ def _summary(report: ReportInput) -> list[str]:
         f" {recording.old.version} → slot {recording.new.slot}"
         f" {recording.new.version}, ran {recording.seconds:.1f} s in the guest.",
         f"- Write log: {len(window)} entries, {len(writes)} writes"
-        f" ({_mib(sum(e.length for e in writes))}), {len(window.flush_indices())}"
-        f" flushes. Seed {report.seed}.",
+        f" ({_mib(sum(e.length for e in writes))}, {sum(e.is_fua for e in writes)}"
+        f" of them FUA), {len(window.flush_indices())} flushes. Seed {report.seed}.",
         f"- States: {len(results)} checked on the host, {len(booted)} booted;"
         f" {report.workers} workers, {report.seconds:.0f} s in all.",
         f"- Result: **{len(bad)} bad states** ({len(boot_bad)} of them failed to boot"
@@ -111,8 +111,9 @@ def _interval_rows(report: ReportInput) -> list[str]:
     rows = [
         "## Outcome by interval",
         "",
-        "Interval k ends with flush k of the update's write log; f000 is the disk"
-        " when the update started.",
+        "Interval k ends with durability point k of the update's write log: a"
+        " flush, or a FUA write (on an SD card, which has no write cache, every"
+        " write); f000 is the disk when the update started.",
         "",
         "| Interval | States | Booted | Bad | Env write | Environment after it |",
         "|---|---|---|---|---|---|",

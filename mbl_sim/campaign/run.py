@@ -11,16 +11,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mbl_sim.board import FLAGS_PARTITION
 from mbl_sim.campaign.boot import BOOT_TIMEOUT
 from mbl_sim.campaign.bundle import write_bundle
-from mbl_sim.campaign.plan import PlannedState, PlanOptions, plan_states
+from mbl_sim.campaign.plan import (
+    PlannedState,
+    PlanOptions,
+    focus_intervals,
+    plan_states,
+)
 from mbl_sim.campaign.record import Recording, record
 from mbl_sim.campaign.report import ReportInput, write_junit, write_markdown, write_svg
 from mbl_sim.campaign.runner import StateResult, WorkerSettings, check_states
 from mbl_sim.campaign.updates import resolve_update
-from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import DeviceImages
-from mbl_sim.storage import WriteLog
 
 __all__ = ["CampaignOptions", "CampaignResult", "check_recording", "run_campaign"]
 
@@ -110,24 +114,13 @@ def _say_progress(
 
 
 def _focus_ranges(images: DeviceImages) -> list[tuple[int, int]]:
-    env = images.board.storage.env
-    if env is None:
-        raise ConfigError(
-            f"board {images.board.name} keeps no raw environment copies; the"
-            " campaign's checks read the environment from raw disk bytes"
-        )
-    return [(offset, env.size) for offset in env.offsets]
-
-
-def _focus_intervals(window: WriteLog, ranges: list[tuple[int, int]]) -> frozenset[int]:
-    intervals = set()
-    interval = 1
-    for entry in window.entries:
-        if any(entry.overlaps(offset, length) for offset, length in ranges):
-            intervals.add(interval)
-        if entry.is_flush:
-            interval += 1
-    return frozenset(intervals)
+    """Return the byte ranges where the update flips its slot: the environment
+    copies, or the bootflags partition of a board with flag files."""
+    storage = images.board.storage
+    if storage.env is None:
+        flags = storage.layout[FLAGS_PARTITION]
+        return [(flags.start, flags.size)]
+    return [(offset, storage.env.size) for offset in storage.env.offsets]
 
 
 def run_campaign(
@@ -198,7 +191,7 @@ def check_recording(
         seconds=seconds,
         workers=options.workers,
         seed=options.plan.seed,
-        focus_intervals=_focus_intervals(window, ranges),
+        focus_intervals=focus_intervals(window, ranges),
         bundles=bundles,
     )
     markdown = write_markdown(report, directory / "report.md")

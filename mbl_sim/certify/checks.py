@@ -14,6 +14,7 @@ import time
 
 from mbl_sim import scenarios
 from mbl_sim.board import FLAGS_PARTITION
+from mbl_sim.campaign.fat_env import saveenv_campaign
 from mbl_sim.certify.registry import (
     CertifyContext,
     CheckFailed,
@@ -37,23 +38,6 @@ INSTALL_TIMEOUT = 600.0
 # The boot loader's own environment
 
 
-def _check_saveenv_writes_fat(context: CertifyContext) -> None:
-    """Run ``saveenv`` at the U-Boot prompt of a second device and check that it
-    wrote ``uboot.env`` on the boot partition, as firmware.own_env declares."""
-    board = context.board
-    disk = f"{board.storage.uboot_command} 0:{board.storage.layout['boot'].number:x}"
-    workdir = context.workdir / "firmware-env"
-    with Device(context.images, workdir, name="firmware-env") as device:
-        device.power_on(wait="uboot", timeout=context.boot_timeout)
-        saved = device.uboot("saveenv")
-        listing = device.uboot(f"fatls {disk}")
-    if "FAT" not in saved or "uboot.env" not in listing:
-        raise CheckFailed(
-            "firmware.own_env is fat-file, but saveenv printed "
-            f"{saved.strip()!r} and the boot partition lists {listing.strip()!r}"
-        )
-
-
 @register(
     "firmware-environment",
     "where the boot loader's own saveenv writes, and whether that survives power loss",
@@ -64,21 +48,31 @@ def check_firmware_environment(context: CertifyContext) -> str | None:
         context.facts["firmware"] = "none: QEMU loads kernel, device tree and initramfs"
         return "no boot loader runs, so nothing but the initramfs writes boot state"
     context.facts["firmware"] = f"{firmware.package}: {firmware.path}"
-    if firmware.own_env == "fat-file":
-        _check_saveenv_writes_fat(context)
-        context.add_finding(
-            "firmware-environment",
-            "U-Boot's own environment is a FAT file (uboot.env), not power-safe",
-            "This U-Boot build stores its environment with saveenv as uboot.env on "
-            "the first FAT partition. fatwrite rewrites the file's data and the FAT "
-            "in place, so a power cut during saveenv can leave the file or the "
-            "filesystem damaged, and there is one copy only. The MBL boot policy "
-            "does not use it: the boot script keeps its variables in the two "
-            "redundant copies in the raw area, written one copy at a time. Do not "
-            "run saveenv on deployed devices.",
+    if firmware.own_env != "fat-file":
+        return (
+            "U-Boot's own environment store is unusable; the boot script keeps its own"
         )
-        return "saveenv wrote uboot.env on the FAT boot partition (a finding)"
-    return "U-Boot's own environment store is unusable; the boot script keeps its own"
+    result = saveenv_campaign(
+        context.images, context.workdir / "firmware-env", timeout=context.boot_timeout
+    )
+    if "FAT" not in result.saved:
+        raise CheckFailed(
+            f"firmware.own_env is fat-file, but saveenv printed {result.saved!r}"
+        )
+    lost = result.count("lost")
+    context.add_finding(
+        "firmware-environment",
+        "U-Boot's own environment is a FAT file (uboot.env), not power-safe",
+        "This U-Boot build stores its environment with saveenv as uboot.env on "
+        "the first FAT partition, in one copy that fatwrite rewrites in place. "
+        f"{result.describe()} The MBL boot policy does not use this file: the boot "
+        "script keeps its variables in the two redundant copies in the raw area, "
+        "written one copy at a time. Do not run saveenv on deployed devices.",
+    )
+    return (
+        f"saveenv writes uboot.env on FAT: {lost} of {len(result.states)} crash"
+        " states lose the environment (a finding)"
+    )
 
 
 # --------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from mbl_sim.storage.writelog import (
     LogWriter,
     WriteLog,
     read_log,
+    with_writes_durable,
     write_log_slice,
 )
 
@@ -83,5 +84,6 @@ __all__ = [
     "sparse_copy",
     "state_writes",
     "volatile_indices",
+    "with_writes_durable",
     "write_log_slice",
 ]

@@ -11,6 +11,11 @@ not written while QEMU runs. The session ends in one of two ways:
   the disk, and makes it the device's disk through a new qcow2 overlay. By default
   every write that no flush covered is lost.
 
+A disk without a write cache (an SD card: ``write_cache=False``) makes each write
+durable when it completes, so the model reads its log with every write marked FUA,
+and a cut loses only what had not completed. An SD card slot is filled by
+``-drive if=sd``, so the same graph is also given as nested ``-drive`` options.
+
 Files in the device's directory: ``session.qcow2`` and ``writes.log`` of the running
 session, ``emmc-cut-N.raw`` (the disk after cut N, backing ``emmc.qcow2``),
 ``power-cut-N.log`` (the session log of cut N) and ``power-cuts.jsonl`` (one JSON
@@ -45,7 +50,12 @@ from mbl_sim.storage.crash import (
     volatile_indices,
 )
 from mbl_sim.storage.triggers import CutTrigger, OnConsole
-from mbl_sim.storage.writelog import WriteLog, read_log, write_log_slice
+from mbl_sim.storage.writelog import (
+    WriteLog,
+    read_log,
+    with_writes_durable,
+    write_log_slice,
+)
 
 __all__ = [
     "PowerCut",
@@ -89,6 +99,13 @@ def blklogwrites_disk(image: Path, log_file: Path, node: str = "emmc") -> Blockd
         ),
         top=node,
         device_properties=DEVICE_PROPERTIES,
+        drive=(
+            f"node-name={node},driver=blklogwrites,log-sector-size={LOG_SECTOR_SIZE},"
+            "file.driver=qcow2,file.file.driver=file,"
+            f"file.file.filename={_option_value(image)},file.file.cache.no-flush=on,"
+            f"log.driver=file,log.filename={_option_value(log_file)},"
+            "log.cache.no-flush=on"
+        ),
     )
 
 
@@ -174,11 +191,20 @@ class StorageModel:
     """The eMMC of one device, with a volatile write cache that power cuts empty.
 
     ``disk`` is the device's qcow2 disk, which the model replaces after a cut.
+    ``write_cache`` False models a disk without one, such as an SD card.
     """
 
-    def __init__(self, disk: Path, disk_size: int, *, name: str = "device") -> None:
+    def __init__(
+        self,
+        disk: Path,
+        disk_size: int,
+        *,
+        name: str = "device",
+        write_cache: bool = True,
+    ) -> None:
         self.disk = disk
         self.disk_size = disk_size
+        self.write_cache = write_cache
         self.workdir = disk.parent
         self.session_disk = self.workdir / SESSION_DISK
         self.session_log = self.workdir / SESSION_LOG
@@ -212,7 +238,10 @@ class StorageModel:
         if self.session_log.stat().st_size == 0:
             # QEMU writes the superblock at the first flush.
             return WriteLog(self.session_log, LOG_SECTOR_SIZE, (), 0)
-        return read_log(self.session_log, disk_size=self.disk_size)
+        session_log = read_log(
+            self.session_log, disk_size=self.disk_size, sector_size=LOG_SECTOR_SIZE
+        )
+        return session_log if self.write_cache else with_writes_durable(session_log)
 
     def settle(self, machine: Machine) -> int:
         """Pause the guest, count the log entries and resume; return the count.

@@ -18,9 +18,11 @@ What QEMU 7.2's driver does (block/blklogwrites.c), which this reader allows for
 - Entries appear in the order their requests completed. A flush entry is written
   after the flush completed, so every write logged before it was covered by it.
 - The superblock is rewritten only when a flush completes, so its count misses the
-  entries after the last flush. The reader goes on past the count until the first
-  header that is all zeros, is invalid, or whose data runs past the end of the file:
-  after QEMU was killed, that is where the record of completed requests ends.
+  entries after the last flush, and it is all zeros until the first flush (an SD
+  card never flushes; QEMU flushes when the guest stops). The reader goes on past
+  the count until the first header that is all zeros, is invalid, or whose data
+  runs past the end of the file: after QEMU was killed, that is where the record
+  of completed requests ends.
 - Disk sectors are in units of the log sector size, which must be at least the
   guest's logical block size (512 here).
 - The driver never sets ``FUA``: it passes the FUA request flag to the disk but logs
@@ -34,7 +36,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -51,6 +53,7 @@ __all__ = [
     "LogWriter",
     "WriteLog",
     "read_log",
+    "with_writes_durable",
     "write_log_slice",
 ]
 
@@ -181,10 +184,14 @@ class WriteLog:
         return [entry for entry in self.entries[start:end] if entry.is_write]
 
 
-def read_log(path: Path, *, disk_size: int | None = None) -> WriteLog:
+def read_log(
+    path: Path, *, disk_size: int | None = None, sector_size: int | None = None
+) -> WriteLog:
     """Read the log at ``path``, also while QEMU is still appending to it.
 
     ``disk_size``, when given, rejects entries that reach past the disk.
+    ``sector_size``, when given, is the log sector size QEMU was started with; it
+    lets the reader take an all-zero superblock as one not written yet.
 
     Raises:
         ConfigError: the file cannot be read, its superblock is invalid, or an
@@ -192,14 +199,16 @@ def read_log(path: Path, *, disk_size: int | None = None) -> WriteLog:
     """
     try:
         with path.open("rb") as stream:
-            return _read_stream(path, stream.fileno(), disk_size)
+            return _read_stream(path, stream.fileno(), disk_size, sector_size)
     except OSError as error:
         raise ConfigError(f"cannot read write log {path}: {error}") from error
 
 
-def _read_stream(path: Path, fd: int, disk_size: int | None) -> WriteLog:
+def _read_stream(
+    path: Path, fd: int, disk_size: int | None, expected_sector_size: int | None
+) -> WriteLog:
     file_size = os.fstat(fd).st_size
-    sector_size, counted = _read_superblock(path, fd, file_size)
+    sector_size, counted = _read_superblock(path, fd, file_size, expected_sector_size)
     entries: list[LogEntry] = []
     position = sector_size
     while True:
@@ -231,8 +240,13 @@ def _read_stream(path: Path, fd: int, disk_size: int | None) -> WriteLog:
     return WriteLog(path, sector_size, tuple(entries), counted)
 
 
-def _read_superblock(path: Path, fd: int, file_size: int) -> tuple[int, int]:
+def _read_superblock(
+    path: Path, fd: int, file_size: int, expected_sector_size: int | None
+) -> tuple[int, int]:
     raw = os.pread(fd, _SUPERBLOCK.size, 0)
+    if expected_sector_size is not None and not any(raw):
+        # Entries before the first flush, behind a superblock not written yet.
+        return expected_sector_size, 0
     if len(raw) < _SUPERBLOCK.size:
         raise ConfigError(
             f"write log {path} has {file_size} bytes, fewer than its"
@@ -376,6 +390,16 @@ class LogWriter:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def with_writes_durable(log: WriteLog) -> WriteLog:
+    """Return ``log`` with every write marked FUA: the log of a disk without a
+    write cache, where a write is durable once it completed."""
+    entries = tuple(
+        replace(entry, flags=entry.flags | FUA) if entry.is_write else entry
+        for entry in log.entries
+    )
+    return replace(log, entries=entries)
 
 
 def write_log_slice(source: WriteLog, start: int, end: int, output: Path) -> WriteLog:

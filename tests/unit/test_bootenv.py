@@ -12,6 +12,7 @@ from updater.bootenv import (
     EnvLocation,
     decode_copy,
     decode_env,
+    decode_single_copy,
     encode_copy,
     load_fw_env_config,
     newer_copy_index,
@@ -375,3 +376,14 @@ def test_load_fw_env_config_rejects(tmp_path: Path, text: str, message: str) -> 
 def test_load_fw_env_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_fw_env_config(str(tmp_path / "missing.config"))
+
+
+def test_decode_single_copy_layout() -> None:
+    data = b"bootdelay=2\0mbl_certify=1\0\0".ljust(60, b"\0")
+    raw = zlib.crc32(data).to_bytes(4, "little") + data
+
+    assert decode_single_copy(raw) == {"bootdelay": "2", "mbl_certify": "1"}
+    with pytest.raises(BootEnvCopyError, match="CRC mismatch"):
+        decode_single_copy(raw[:10] + b"X" + raw[11:])
+    with pytest.raises(BootEnvCopyError, match="more than the 4-byte header"):
+        decode_single_copy(raw[:4])

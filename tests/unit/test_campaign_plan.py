@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mbl_sim.board import Board, load_board
+from mbl_sim.board import FLAGS_PARTITION, Board, load_board
 from mbl_sim.campaign.bundle import replay, write_bundle
-from mbl_sim.campaign.certify import certify_power_cut
 from mbl_sim.campaign.checks import StateView, check_on_host
 from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, PlanOptions, plan_states
 from mbl_sim.campaign.record import (
@@ -27,11 +26,17 @@ from mbl_sim.campaign.record import (
 )
 from mbl_sim.campaign.report import ReportInput, write_junit, write_markdown, write_svg
 from mbl_sim.campaign.runner import StateResult, WorkerSettings, check_states
-from mbl_sim.certify.registry import CertifyContext, CheckSkipped
 from mbl_sim.cli import main as campaign_main
 from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import DeviceImages
-from mbl_sim.storage import CrashState, LogWriter, WriteLog, image_digest, read_log
+from mbl_sim.storage import (
+    CrashState,
+    LogWriter,
+    WriteLog,
+    image_digest,
+    read_log,
+    with_writes_durable,
+)
 from updater.bootenv import encode_copy
 
 SECTOR = 512
@@ -75,6 +80,20 @@ def test_plan_names_every_flush(tmp_path: Path) -> None:
         CrashState(5),
     ]
     assert {state.kind for state in plan} == {"flush"}
+
+
+def test_plan_of_a_disk_without_write_cache_has_a_state_per_write(
+    tmp_path: Path,
+) -> None:
+    log = with_writes_durable(write_log(tmp_path / "w.log", "wWwe", env_offset=SECTOR))
+
+    plan = plan_states(log, PlanOptions(), [(SECTOR, SECTOR)])
+
+    # Each write is durable once complete: no cached subsets, no torn writes.
+    assert [state.name for state in plan] == ["f000", "f001", "f002", "f003", "f004"]
+    assert [state.state for state in plan] == [CrashState(p) for p in range(5)]
+    assert {state.kind for state in plan} == {"flush"}
+    assert [state.focus for state in plan] == [False, False, False, False, True]
 
 
 def test_plan_variants_keep_part_of_the_cache(tmp_path: Path) -> None:
@@ -213,25 +232,35 @@ def make_filesystem(
     )
 
 
-def make_recording(directory: Path, board: Board, new_version_file: bytes) -> Recording:
-    """A recording whose disk has slot a at 1.0.0, slot b holding
-    ``new_version_file`` as its version, and a log that flips the environment to b.
+def make_recording(
+    directory: Path,
+    board: Board,
+    new_version_file: bytes,
+    flag_files: dict[str, bytes] | None = None,
+) -> Recording:
+    """A recording whose disk has slot a at 1.0.0 and slot b holding
+    ``new_version_file`` as its version. With an environment, the log flips it to
+    b; with flag files, the bootflags partition holds ``flag_files`` and the log
+    only flushes.
     """
     directory.mkdir()
     env = board.storage.env
-    assert env is not None
     base = directory / "start.raw"
     with base.open("wb") as stream:
         stream.truncate(board.storage.size)
-        stream.seek(env.offsets[0])
-        stream.write(encode_copy(OLD_ENV, 1, env.size))
+        if env is not None:
+            stream.seek(env.offsets[0])
+            stream.write(encode_copy(OLD_ENV, 1, env.size))
     old_files = {"/etc/mbl-version": b"1.0.0\n", "/bin/tool": b"old tool\n"}
     new_files = {"/etc/mbl-version": new_version_file, "/bin/tool": b"new tool\n"}
     make_filesystem(base, board, "rootfs1", old_files)
     make_filesystem(base, board, "rootfs2", new_files)
     make_filesystem(base, board, "home", {})
+    if env is None:
+        make_filesystem(base, board, FLAGS_PARTITION, flag_files or {})
     with LogWriter(directory / "update.log") as writer:
-        writer.write(env.offsets[1], encode_copy(NEW_ENV, 2, env.size))
+        if env is not None:
+            writer.write(env.offsets[1], encode_copy(NEW_ENV, 2, env.size))
         writer.flush()
     recording = Recording(
         directory=directory,
@@ -356,7 +385,7 @@ def test_host_check_broken_filesystem(
     problems = check(good_recording, virt_board, CrashState(2), tmp_path / "scratch")
 
     assert len(problems) == 1
-    assert problems[0].startswith("slot b: e2fsck -n -f exit code")
+    assert problems[0].startswith("slot b: journal replay failed (e2fsck exit code 4)")
 
 
 # -- workers, reports and bundles -----------------------------------------------------
@@ -505,18 +534,48 @@ def test_cli_rejects_boot_share_above_one(capsys: pytest.CaptureFixture[str]) ->
     assert "expected a number from 0 to 1, got 1.5" in capsys.readouterr().err
 
 
-def test_certify_skips_board_without_environment(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def flag_board() -> Board:
+    """A board whose boot state is flag files on the bootflags partition."""
     board = load_board("imx6ul-evk")
-    images = DeviceImages(
-        board=board,
-        disk=tmp_path / "emmc.img",
-        kernel=tmp_path / "Image",
-        initrd=tmp_path / "initrd.img",
-        rootfs=tmp_path / "rootfs",
-        kernel_release="",
-        factory_version="1.0.0",
-    )
-    context = CertifyContext(board, images, tmp_path, report=lambda message: None)
+    assert board.storage.env is None
+    return board
 
-    with pytest.raises(CheckSkipped, match="flag files"):
-        certify_power_cut(context)
+
+@needs_e2fsprogs
+@pytest.mark.parametrize(
+    ("flag_files", "slot"),
+    [({}, "a"), ({"rootfs2": b""}, "b"), ({"rootfs2": b"", "trial": b"b 1\n"}, "b")],
+    ids=["no-flags", "rootfs2", "rootfs2-on-trial"],
+)
+def test_host_check_reads_flag_files(
+    tmp_path: Path, flag_board: Board, flag_files: dict[str, bytes], slot: str
+) -> None:
+    recording = make_recording(tmp_path / "rec", flag_board, b"2.0.0\n", flag_files)
+    view = StateView(
+        flag_board, recording, recording.read_log(), CrashState(1), tmp_path / "s"
+    )
+
+    result = check_on_host(view)
+
+    assert result.problems == []
+    assert result.active_slot == slot
+    assert result.env.startswith(f"flag files: active_slot={slot}")
+    if "trial" in flag_files:
+        assert "trial=b bootcount=1" in result.env
+
+
+@needs_e2fsprogs
+def test_host_check_broken_bootflags_filesystem(
+    tmp_path: Path, flag_board: Board
+) -> None:
+    recording = make_recording(tmp_path / "rec", flag_board, b"2.0.0\n", {})
+    partition = flag_board.storage.layout[FLAGS_PARTITION]
+    with recording.base.open("r+b") as stream:
+        stream.seek(partition.start + 2048 + 8)
+        stream.write(b"\xff\xff\xff\xff")
+
+    problems = check(recording, flag_board, CrashState(0), tmp_path / "scratch")
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{FLAGS_PARTITION}: journal replay failed")

@@ -30,6 +30,7 @@ from mbl_sim.storage import (
     sparse_copy,
     state_writes,
     volatile_indices,
+    with_writes_durable,
     write_log_slice,
 )
 from mbl_sim.storage.writelog import DISCARD, FLUSH, FUA, MAGIC
@@ -115,6 +116,31 @@ def test_log_reads_past_superblock_count(tmp_path: Path) -> None:
 
     assert log.counted == 7
     assert len(log) == 9
+
+
+def test_log_before_first_flush_has_no_superblock(tmp_path: Path) -> None:
+    # An SD card never flushes, so QEMU has not written the superblock yet.
+    path = write_example_log(tmp_path / "w.log")
+    with path.open("r+b") as stream:
+        stream.write(bytes(SECTOR))
+
+    with pytest.raises(ConfigError, match="not a dm-log-writes log"):
+        read_log(path)
+    log = read_log(path, sector_size=SECTOR)
+
+    assert log.counted == 0
+    assert len(log) == 9
+    assert log.entries[8].length == 2 * SECTOR
+
+
+def test_writes_durable_marks_every_write_fua(tmp_path: Path) -> None:
+    log = with_writes_durable(read_log(write_example_log(tmp_path / "w.log")))
+
+    assert [entry.is_fua for entry in log.entries] == [
+        True, True, False, True, True, True, False, True, True
+    ]  # fmt: skip
+    assert volatile_indices(log, len(log)) == []
+    assert durable_indices(log, 2) == [0, 1]
 
 
 def test_log_stops_at_entry_cut_short(tmp_path: Path) -> None:
