@@ -83,24 +83,32 @@ class FatEnvResult:
         return [state for state in self.states if not state.fat_clean]
 
     def describe(self) -> str:
-        """Return a paragraph for a report: the counts and example states."""
-        lost = [state for state in self.states if state.verdict == "lost"]
+        """Return a paragraph for a report: the counts and the lost states."""
+        states = self.states
+        lost = [state for state in states if state.verdict == "lost"]
         text = (
-            f"Crash states of one saveenv ({self.writes} writes of 512 bytes, every"
-            f" completed write durable as on an SD card): {len(self.states)} states,"
-            f" {self.count('old')} keep the old environment, {self.count('new')}"
-            f" have the new one, {len(lost)} have none"
+            f"One saveenv made {self.writes} writes of 512 bytes. An SD card keeps a"
+            " write once it completes, so its crash states are the cuts after each"
+            f" log entry, {states[0].label} to {states[-1].label}:"
+            f" {self.count('old')} of the {len(states)} states keep the old"
+            f" environment, {self.count('new')} have the new one and {len(lost)}"
+            " have none"
         )
         if lost:
-            examples = ", ".join(f"{s.label} ({s.detail})" for s in lost[:3])
+            labels = ", ".join(state.label for state in lost[:8])
+            more = "" if len(lost) <= 8 else f" and {len(lost) - 8} more"
             text += (
-                f", so U-Boot would boot with its built-in environment (for example"
-                f" {examples})"
+                f" ({labels}{more}: {lost[0].detail}), so U-Boot would start with its"
+                " built-in environment"
             )
         damaged = self.damaged_fat
-        text += f"; fsck.fat -n finds the FAT damaged in {len(damaged)}"
         if damaged:
-            text += f" (first {damaged[0].label})"
+            text += (
+                f". fsck.fat -n finds the FAT damaged in {len(damaged)} states, the"
+                f" first {damaged[0].label}"
+            )
+        else:
+            text += ". fsck.fat -n finds the FAT clean in all of them"
         return text + "."
 
 
