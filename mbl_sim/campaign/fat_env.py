@@ -30,7 +30,14 @@ from mbl_sim.storage import CrashState, WriteLog, materialise
 from updater.bootenv import decode_single_copy
 from updater.errors import BootEnvError
 
-__all__ = ["MARKER", "FatEnvResult", "FatEnvState", "check_saveenv_states"]
+__all__ = [
+    "MARKER",
+    "FatEnvResult",
+    "FatEnvState",
+    "check_saveenv_states",
+    "record_saveenv",
+    "saveenv_campaign",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,6 @@ MARKER = "mbl_certify"
 
 ENV_FILE = "uboot.env"
 BOOT_PARTITION = "boot"
-VERDICTS = ("old", "new", "lost")
 
 
 @dataclass(frozen=True)
