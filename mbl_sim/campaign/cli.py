@@ -24,7 +24,7 @@ from typing import Any
 from mbl_sim.board import DEFAULT_BOARD, check_host, load_board
 from mbl_sim.campaign.boot import BOOT_TIMEOUT
 from mbl_sim.campaign.bundle import replay
-from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, PlanOptions
+from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, UNLIMITED_CAP, PlanOptions
 from mbl_sim.campaign.run import DEFAULT_SCRATCH, CampaignOptions, run_campaign
 from mbl_sim.campaign.updates import UPDATES, update_names
 from mbl_sim.errors import ConfigError
@@ -138,7 +138,8 @@ def _add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-states",
         type=int,
         default=None,
-        help="check at most this many states, those near environment writes first",
+        help="check at most this many states, those near boot-state writes first"
+        f" (default: all, at most {UNLIMITED_CAP})",
     )
     parser.add_argument(
         "--boot-share",

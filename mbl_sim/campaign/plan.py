@@ -35,11 +35,16 @@ from mbl_sim.storage import CrashState, LogEntry, TornWrite, WriteLog
 
 __all__ = [
     "DEFAULT_BOOT_STATES",
+    "UNLIMITED_CAP",
     "PlanOptions",
     "PlannedState",
     "focus_intervals",
     "plan_states",
 ]
+
+UNLIMITED_CAP = 1000
+"""States planned without ``max_states`` when the log has more. On an SD card every
+write is a durability point, and a root filesystem update makes about 700,000."""
 
 DEFAULT_BOOT_STATES = 16
 """States booted when no boot share is given. A boot check takes about ten
@@ -54,7 +59,8 @@ class PlanOptions:
         seed: the campaign seed.
         subsets: random subset variants per interval.
         torn: torn-write variants per interval.
-        max_states: plan at most this many states; None for all.
+        max_states: plan at most this many states; None for all, but at most
+            ``UNLIMITED_CAP``.
         boot_share: share of the planned states to boot, 0 to 1; None boots all
             of them when there are at most ``DEFAULT_BOOT_STATES``, else that many.
         focus_after: intervals after each focus write that are in focus too.
@@ -261,8 +267,9 @@ def plan_states(
         replace(state, focus=state.interval in focus)
         for state in _all_states(log, options)
     ]
-    if options.max_states is not None:
-        states = _prioritised(states, options.max_states)
+    limit = UNLIMITED_CAP if options.max_states is None else options.max_states
+    if len(states) > limit:
+        states = _prioritised(states, limit)
     booted = {
         state.name
         for state in _prioritised(states, _boot_count(len(states), options.boot_share))

@@ -15,6 +15,7 @@ from mbl_sim.board import FLAGS_PARTITION
 from mbl_sim.campaign.boot import BOOT_TIMEOUT
 from mbl_sim.campaign.bundle import write_bundle
 from mbl_sim.campaign.plan import (
+    UNLIMITED_CAP,
     PlannedState,
     PlanOptions,
     focus_intervals,
@@ -175,6 +176,12 @@ def check_recording(
     window = recording.read_log()
     ranges = _focus_ranges(images)
     planned = plan_states(window, options.plan, ranges)
+    if options.plan.max_states is None and len(planned) == UNLIMITED_CAP:
+        say(
+            f"the log has more than {UNLIMITED_CAP} crash states; checking the"
+            f" {UNLIMITED_CAP} nearest the boot-state writes first (--max-states sets"
+            " the number)"
+        )
     booted = sum(state.boot for state in planned)
     say(
         f"checking {len(planned)} crash states ({booted} booted) of"

@@ -17,7 +17,12 @@ import pytest
 from mbl_sim.board import FLAGS_PARTITION, Board, load_board
 from mbl_sim.campaign.bundle import replay, write_bundle
 from mbl_sim.campaign.checks import StateView, check_on_host
-from mbl_sim.campaign.plan import DEFAULT_BOOT_STATES, PlanOptions, plan_states
+from mbl_sim.campaign.plan import (
+    DEFAULT_BOOT_STATES,
+    UNLIMITED_CAP,
+    PlanOptions,
+    plan_states,
+)
 from mbl_sim.campaign.record import (
     Recording,
     SlotExpectation,
@@ -64,7 +69,7 @@ def write_log(path: Path, layout: str, env_offset: int | None = None) -> WriteLo
                 writer.write(env_offset, bytes(SECTOR))
             else:
                 count = 4 if kind == "W" else 1
-                writer.write(number * 8 * SECTOR, bytes([number]) * count * SECTOR)
+                writer.write(number * 8 * SECTOR, bytes([number % 256]) * count * SECTOR)
     return read_log(path)
 
 
@@ -94,6 +99,16 @@ def test_plan_of_a_disk_without_write_cache_has_a_state_per_write(
     assert [state.state for state in plan] == [CrashState(p) for p in range(5)]
     assert {state.kind for state in plan} == {"flush"}
     assert [state.focus for state in plan] == [False, False, False, False, True]
+
+
+def test_plan_without_limit_stops_at_the_cap(tmp_path: Path) -> None:
+    log = with_writes_durable(write_log(tmp_path / "w.log", "w" * (UNLIMITED_CAP + 5)))
+
+    plan = plan_states(log, PlanOptions())
+
+    assert len(plan) == UNLIMITED_CAP
+    assert plan[0].name == "f000"
+    assert plan[-1].name == f"f{UNLIMITED_CAP + 5:03d}"
 
 
 def test_plan_variants_keep_part_of_the_cache(tmp_path: Path) -> None:
