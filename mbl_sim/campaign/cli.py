@@ -29,6 +29,7 @@ from mbl_sim.campaign.run import DEFAULT_SCRATCH, CampaignOptions, run_campaign
 from mbl_sim.campaign.updates import UPDATES, update_names
 from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import ImageBuilder
+from mbl_sim.workdirs import writable_directory
 
 __all__ = ["COMMANDS", "add_parsers", "run_campaign_command", "run_replay_command"]
 
@@ -126,13 +127,15 @@ def _add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
         "--subsets",
         type=int,
         default=2,
-        help="random cached-write subsets per flush interval (default 2)",
+        help="random cached-write subsets per flush interval (default 2; an SD"
+        " card caches no writes, so its campaigns have none)",
     )
     parser.add_argument(
         "--torn",
         type=int,
         default=1,
-        help="torn-write states per flush interval (default 1)",
+        help="torn-write states per flush interval (default 1; none on an SD card,"
+        " which logs each 512-byte block as a write of its own)",
     )
     parser.add_argument(
         "--max-states",
@@ -188,6 +191,15 @@ def run_campaign_command(args: argparse.Namespace) -> int:
     """
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    for option, value in (("--subsets", args.subsets), ("--torn", args.torn)):
+        if value < 0:
+            raise ConfigError(f"{option} must be 0 or more, got {value}")
+    if args.max_states is not None and args.max_states < 1:
+        raise ConfigError(f"--max-states must be at least 1, got {args.max_states}")
+    # Checked before the build and the recording, which take minutes.
+    writable_directory(args.workdir, "--workdir")
+    if args.scratch is not None:
+        writable_directory(args.scratch, "--scratch")
     # SIGTERM unwinds like Ctrl-C, so the workers are stopped and the scratch
     # directory removed.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

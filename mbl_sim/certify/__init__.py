@@ -43,6 +43,7 @@ from mbl_sim.certify.report import CertificationReport, write_junit, write_markd
 from mbl_sim.device import BOOT_TIMEOUT
 from mbl_sim.errors import ConfigError, MblSimError
 from mbl_sim.images.recipe import DeviceImages, ImageBuilder
+from mbl_sim.workdirs import claim_directory
 
 __all__ = [
     "CHECKS",
@@ -61,6 +62,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+WORKDIR_MARKER = ".mbl-sim-certify"
+"""The file that marks a directory as certification output."""
+
+RUN_DIRECTORIES = ("device", "firmware-env", "power-cut")
+"""What a rerun into the same directory removes first: the devices and campaign
+of the run before."""
+
 
 def check_names() -> list[str]:
     """Return the registered checks' names in the order they run."""
@@ -74,7 +82,13 @@ def _selected_checks(only: Sequence[str], skip: Sequence[str]) -> list[Check]:
                 f"unknown certification check {name!r}; checks: {', '.join(CHECKS)}"
             )
     names = list(only) or list(CHECKS)
-    return [CHECKS[name] for name in CHECKS if name in names and name not in skip]
+    selected = [CHECKS[name] for name in CHECKS if name in names and name not in skip]
+    if not selected:
+        raise ConfigError(
+            f"no check left to run: --check {' '.join(only)} and --skip"
+            f" {' '.join(skip)} exclude them all"
+        )
+    return selected
 
 
 def _run_check(
@@ -173,13 +187,15 @@ def certify(
     ``workdir`` receives ``report.md``, ``report.xml`` and the device directory.
 
     Raises:
-        ConfigError: a name in ``only`` or ``skip`` is not a registered check.
+        ConfigError: a name in ``only`` or ``skip`` is not a registered check, they
+            leave no check, or ``workdir`` is unusable or holds files that an
+            earlier certification did not write.
     """
     selected = _selected_checks(only, skip)
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Devices left by an earlier run would start from that run's slot and state.
-    for device_dir in ("device", "firmware-env"):
-        shutil.rmtree(workdir / device_dir, ignore_errors=True)
+    if claim_directory(workdir, WORKDIR_MARKER, "--output"):
+        # Devices left by an earlier run would start from that run's slot and state.
+        for device_dir in RUN_DIRECTORIES:
+            shutil.rmtree(workdir / device_dir, ignore_errors=True)
     started = time.monotonic()
     command = "mbl-sim certify " + shlex.quote(board.name)
     result = CertificationReport(

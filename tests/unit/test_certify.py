@@ -259,3 +259,20 @@ def test_board_template_is_a_valid_board(tmp_path: Path) -> None:
 def test_board_template_rejects_bad_name() -> None:
     with pytest.raises(ConfigError, match="invalid board name 'My_Board'"):
         render_board_template("My_Board")
+
+
+def test_check_and_skip_leaving_nothing_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no check left to run: --check boot"):
+        certify.certify(
+            load_board("qemu-virt-a53"), tmp_path, only=["boot"], skip=["boot"]
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_with_foreign_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "notes.txt").write_text("mine\n")
+
+    with pytest.raises(ConfigError, match="holds files that mbl-sim did not write"):
+        certify.certify(load_board("qemu-virt-a53"), tmp_path, only=["boot"])
+    assert (tmp_path / "device" / "notes.txt").read_text() == "mine\n"
