@@ -390,11 +390,21 @@ class Board:
 # Reading YAML values with their key paths
 
 
+class _InvalidKeyError(yaml.constructor.ConstructorError):
+    """A mapping key that PyYAML accepts but a board file must not have."""
+
+    def __init__(self, problem: str, allowed: str, mark: yaml.Mark) -> None:
+        super().__init__(None, None, problem, mark)
+        self.allowed = allowed
+        """What the key should be instead."""
+
+
 class _DuplicateKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects a key given twice in one mapping.
 
     PyYAML keeps the last of two equal keys without a word, which would hide a
-    typo in a board file.
+    typo in a board file. Keys that are lists or mappings are rejected before the
+    duplicate check, which needs them hashable.
     """
 
     def construct_mapping(
@@ -402,13 +412,20 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
     ) -> dict[Any, Any]:
         seen: set[object] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key {key!r} (line {line})",
+            # Deep, so that a list key has its items when the error shows it.
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise _InvalidKeyError(
+                    f"key {key!r} is a {type(key).__name__}",
+                    "a plain key such as a name, not a list or a mapping",
+                    key_node.start_mark,
+                ) from None
+            if duplicate:
+                raise _InvalidKeyError(
+                    f"duplicate key {key!r}",
+                    "each key once in a mapping",
                     key_node.start_mark,
                 )
             seen.add(key)
@@ -470,6 +487,13 @@ class _Mapping:
         if key not in self._values:
             return None
         return _Node(self._node.file, self._node.at(key), self._values[key])
+
+    def reject_unused(self, key: str, reason: str) -> None:
+        """Raise BoardError if the optional ``key`` is present. ``reason`` is why the
+        board has no use for it."""
+        node = self.optional(key)
+        if node is not None:
+            node.fail(f"no {key} key (remove it)", problem=reason)
 
 
 def _string(
@@ -604,9 +628,7 @@ def _parse_firmware(node: _Node) -> FirmwareConfig:
     kind = _choice(section.get("kind"), ("u-boot", "none"))
     if kind == "none":
         for key in _FIRMWARE_KEYS[1:]:
-            extra = section.optional(key)
-            if extra is not None:
-                extra.fail("no value: firmware kind 'none' takes no other keys")
+            section.reject_unused(key, "firmware kind 'none' takes no other keys")
         return FirmwareConfig(
             kind="none",
             package="",
@@ -843,12 +865,24 @@ def _parse_env(node: _Node, first_partition_offset: int) -> EnvConfig:
     section = _Mapping(node, ("offsets", "size"))
     # Size of each copy: a CRC32 (4 bytes), a flag byte, then the variables.
     # Whole sectors, because the boot script reads it with `virtio read`.
+    size_node = section.get("size")
     size = _size(
-        section.get("size"),
+        size_node,
         minimum=SECTOR_SIZE,
         multiple=SECTOR_SIZE,
         expected=f"a positive multiple of {SECTOR_SIZE}",
     )
+    gpt_end = GPT_SECTORS * SECTOR_SIZE
+    room = first_partition_offset - gpt_end
+    max_size = room // 2 // SECTOR_SIZE * SECTOR_SIZE
+    if size > max_size:
+        size_node.fail(
+            f"at most {max_size} bytes, so that both copies fit between the primary "
+            f"GPT and the first partition",
+            problem=f"two copies of {size_node.value!r} ({size} bytes) do not fit "
+            f"in the {room} bytes from {gpt_end} (after the primary GPT) to the "
+            f"first partition at {first_partition_offset}",
+        )
 
     # Byte offsets of the two copies on the disk. Both lie between the primary
     # GPT (the first 34 sectors) and the first partition, on sector boundaries,
@@ -858,7 +892,6 @@ def _parse_env(node: _Node, first_partition_offset: int) -> EnvConfig:
     if len(items) != 2:
         offsets_node.fail("a list of exactly two offsets, one per copy")
 
-    gpt_end = GPT_SECTORS * SECTOR_SIZE
     offsets = [
         _size(
             item,
@@ -905,14 +938,21 @@ def _parse_storage(node: _Node) -> StorageConfig:
     # How QEMU attaches the disk image: virtio (virtio-blk-pci), sd (an SD card in
     # the SoC's own slot, -drive if=sd) or sdhci-pci (an SD card on a PCI SDHCI
     # controller, for virt).
-    # NOTE: u-boot-qemu 2023.01 has no MMC driver, so sdhci-pci suits only a board
-    # without U-Boot; no shipped board uses it, and the integration tests boot a
-    # variant of qemu-virt-a15 with it.
+    # u-boot-qemu 2023.01 has no MMC driver, so _check_disk_attachment rejects
+    # sdhci-pci on U-Boot boards. No shipped board uses sdhci-pci, and the
+    # integration tests boot a variant of qemu-virt-a15 with it.
     interface = _choice(section.get("interface"), ("virtio", *SD_INTERFACES))
     # The SoC's card slot for interface sd (-drive if=sd,index=N). Optional,
-    # default 0; the WaRP7's eMMC is slot 2.
-    sd_index_node = section.optional("sd_index")
-    sd_index = 0 if sd_index_node is None else _integer(sd_index_node, 0, 3)
+    # default 0; the WaRP7's eMMC is slot 2. Other interfaces have no slot.
+    sd_index = 0
+    if interface == "sd":
+        sd_index_node = section.optional("sd_index")
+        if sd_index_node is not None:
+            sd_index = _integer(sd_index_node, 0, 3)
+    else:
+        section.reject_unused(
+            "sd_index", f"storage interface {interface!r} has no card slot"
+        )
     # The guest's name of the whole disk.
     guest_disk = _string(section.get("guest_disk"), _DISK, "a device such as /dev/vda")
     # Text between the disk name and the partition number: "" for /dev/vda2,
@@ -967,6 +1007,9 @@ def _parse_storage(node: _Node) -> StorageConfig:
     )
 
 
+_TRANSFER_KEYS = ("interface", "index", "guest_disk", "partition")
+
+
 def _parse_transfer(
     storage: _Node,
     storage_section: _Mapping,
@@ -981,34 +1024,25 @@ def _parse_transfer(
     """
     node = storage_section.optional("transfer")
     if node is None:
-        if interface != "virtio" or not guest_disk[-1].isalpha():
-            _Node(storage.file, storage.at("transfer"), None).fail(
-                "a mapping with the keys interface, index, guest_disk",
-                problem=f"missing key, required for storage interface {interface!r}",
-            )
-        following = guest_disk[:-1] + chr(ord(guest_disk[-1]) + 1)
-        return TransferConfig(interface="virtio", index=0, guest_disk=following)
-    section = _Mapping(node, ("interface", "index", "guest_disk", "partition"))
+        return _default_transfer(storage, interface, guest_disk)
+    section = _Mapping(node, _TRANSFER_KEYS)
     # How payloads reach the device: virtio (a second disk), sd (a card in another
     # slot) or partition (a raw partition of the board's own disk that the host
     # writes through QEMU, for machines with one card slot and no PCI).
     transfer_interface = _choice(
         section.get("interface"), ("virtio", "sd", "partition")
     )
-    if transfer_interface == "partition":
-        # The partition's name; it must have fs: none.
-        partition_node = section.get("partition")
-        name = _string(partition_node, _PARTITION_NAME, "a partition name")
-        found = [p for p in layout if p.name == name and p.fs == "none"]
-        if not found:
-            partition_node.fail("the name of a partition with fs: none")
-        return TransferConfig(
-            interface="partition",
-            index=0,
-            guest_disk=found[0].device,
-            partition=name,
+    if transfer_interface != "sd":
+        section.reject_unused(
+            "index", f"transfer interface {transfer_interface!r} has no card slot"
         )
-    # The card slot for sd (-drive if=sd,index=N); must differ from the storage's.
+    if transfer_interface == "partition":
+        return _parse_transfer_partition(section, layout)
+    section.reject_unused(
+        "partition", f"transfer interface {transfer_interface!r} is a whole disk"
+    )
+    # The card slot for sd (-drive if=sd,index=N). _check_disk_attachment checks
+    # that it differs from the slot of the storage's card.
     index_node = section.optional("index")
     index = 0 if index_node is None else _integer(index_node, 0, 3)
     return TransferConfig(
@@ -1018,6 +1052,47 @@ def _parse_transfer(
         guest_disk=_string(
             section.get("guest_disk"), _DISK, "a device such as /dev/mmcblk0"
         ),
+    )
+
+
+def _default_transfer(
+    storage: _Node, interface: str, guest_disk: str
+) -> TransferConfig:
+    """Return the transfer disk of a board without the transfer key: the virtio
+    disk after ``guest_disk`` (/dev/vdb after /dev/vda)."""
+    last = guest_disk[-1]
+    if interface != "virtio":
+        problem = f"missing key, required for storage interface {interface!r}"
+    elif not "a" <= last < "z":
+        problem = (
+            f"missing key, required because no disk name follows storage.guest_disk "
+            f"{guest_disk} (the default is the next letter, /dev/vdb after /dev/vda)"
+        )
+    else:
+        following = guest_disk[:-1] + chr(ord(last) + 1)
+        return TransferConfig(interface="virtio", index=0, guest_disk=following)
+    _Node(storage.file, storage.at("transfer"), None).fail(
+        "a mapping with the keys " + ", ".join(_TRANSFER_KEYS), problem=problem
+    )
+
+
+def _parse_transfer_partition(
+    section: _Mapping, layout: PartitionLayout
+) -> TransferConfig:
+    # The partition's name; it must have fs: none. Its device is the transfer disk.
+    section.reject_unused(
+        "guest_disk", "the transfer partition's device is the guest disk"
+    )
+    partition_node = section.get("partition")
+    name = _string(partition_node, _PARTITION_NAME, "a partition name")
+    found = [p for p in layout if p.name == name and p.fs == "none"]
+    if not found:
+        partition_node.fail("the name of a partition with fs: none")
+    return TransferConfig(
+        interface="partition",
+        index=0,
+        guest_disk=found[0].device,
+        partition=name,
     )
 
 
@@ -1044,8 +1119,9 @@ def _check_boot_state(root: _Mapping, board: Board) -> None:
             "environment",
             problem="boot state 'flag-files' is for boards without U-Boot",
         )
-    if board.storage.env is not None:
-        env_node.fail("no env key, because boot.state is flag-files")
+    _Mapping(storage_node, _STORAGE_KEYS).reject_unused(
+        "env", "a flag-files board keeps no U-Boot environment"
+    )
     partitions = {p.name: p for p in board.storage.layout}
     flags = partitions.get(FLAGS_PARTITION)
     if flags is None or flags.fs != "ext4":
@@ -1053,6 +1129,71 @@ def _check_boot_state(root: _Mapping, board: Board) -> None:
             f"an ext4 partition named {FLAGS_PARTITION!r} for the flag files",
             problem=f"missing ext4 partition {FLAGS_PARTITION!r}",
         )
+
+
+# Storage and transfer interfaces whose controller sits on PCI. They are allowed
+# only on QEMU's virt machine (also versioned, as virt-8.2), which has a PCI bus;
+# the SoC machines of the shipped boards (raspi3b, mcimx6ul-evk, mcimx7d-sabre)
+# have none.
+_PCI_INTERFACES = ("virtio", "sdhci-pci")
+_PCI_MACHINE = re.compile(r"virt(-[0-9]+\.[0-9]+)?")
+
+
+def _check_disk_attachment(root: _Mapping, board: Board) -> None:
+    """Check that the machine and the firmware can attach and read the disks."""
+    storage_section = _Mapping(root.get("storage"), _STORAGE_KEYS)
+    storage = board.storage
+    interface_node = storage_section.get("interface")
+    # The machine type without its options: virt for "virt,highmem=off".
+    machine = board.qemu.machine.split(",")[0]
+    has_pci = _PCI_MACHINE.fullmatch(machine) is not None
+
+    if not has_pci and storage.interface in _PCI_INTERFACES:
+        interface_node.fail(
+            f"'sd' (the SoC's card slot) on machine {machine!r}",
+            problem=f"storage interface {storage.interface!r} needs PCI, which "
+            "mbl-sim supports only on QEMU's virt machine",
+        )
+    if storage.interface == "sdhci-pci" and board.firmware.is_u_boot:
+        interface_node.fail(
+            "'virtio' on a U-Boot board, or firmware kind 'none' with boot.state "
+            "flag-files for an SD card on sdhci-pci",
+            problem="U-Boot for QEMU's virt machine (u-boot-qemu 2023.01) has no MMC "
+            "driver, so it cannot read an SD card on sdhci-pci",
+        )
+
+    transfer_node = storage_section.optional("transfer")
+    if transfer_node is not None:
+        _check_transfer_attachment(transfer_node, storage, machine, has_pci)
+
+
+def _check_transfer_attachment(
+    node: _Node, storage: StorageConfig, machine: str, has_pci: bool
+) -> None:
+    """Check that the machine can attach the transfer disk of the key ``node``."""
+    section = _Mapping(node, _TRANSFER_KEYS)
+    transfer = storage.transfer
+    if not has_pci and transfer.interface == "virtio":
+        section.get("interface").fail(
+            "'sd' (another card slot) or 'partition' (a raw partition of the "
+            f"board's disk) on machine {machine!r}",
+            problem="transfer interface 'virtio' needs PCI, which mbl-sim supports "
+            "only on QEMU's virt machine",
+        )
+
+    both_sd = storage.interface == "sd" and transfer.interface == "sd"
+    if not both_sd or transfer.index != storage.sd_index:
+        return
+    index_node = section.optional("index")
+    problem = f"card slot {transfer.index} is also storage.sd_index"
+    if index_node is None:
+        index_node = _Node(node.file, node.at("index"), None)
+        problem = "missing key: the default slot 0 is also storage.sd_index"
+    index_node.fail(
+        f"a card slot from 0 to 3 other than storage.sd_index {storage.sd_index}, "
+        "because each slot holds one card",
+        problem=problem,
+    )
 
 
 def _parse_root(node: _Node, stem: str) -> Board:
@@ -1090,6 +1231,7 @@ def _parse_root(node: _Node, stem: str) -> Board:
         storage=_parse_storage(root.get("storage")),
         boot=_parse_boot(root.get("boot")),
     )
+    _check_disk_attachment(root, board)
     _check_boot_state(root, board)
     return board
 
@@ -1110,11 +1252,37 @@ def parse_board(text: str, source: str) -> Board:
     try:
         data = yaml.load(text, Loader=_DuplicateKeyLoader)
     except yaml.YAMLError as error:
-        raise BoardError(
-            source, "", None, "a YAML mapping", problem=f"invalid YAML: {error}"
-        ) from error
+        allowed = "valid YAML"
+        if isinstance(error, _InvalidKeyError):
+            allowed = error.allowed
+        problem = _describe_yaml_error(error)
+        raise BoardError(source, "", None, allowed, problem=problem) from error
     stem = Path(source).name.removesuffix(".yaml").removesuffix(".yml")
     return _parse_root(_Node(source, "", data), stem)
+
+
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    """Return the problem of a PyYAML error with its line and column, without the
+    "<unicode string>" that PyYAML names text parsed from a string."""
+    if isinstance(error, yaml.reader.ReaderError):
+        return (
+            f"invalid YAML at character {error.position + 1}: {error.reason}, "
+            f"found #x{error.character:04x}"
+        )
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"invalid YAML: {error}"
+    mark = error.problem_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(error, _InvalidKeyError):
+        return f"{where}: {error.problem}"
+    text = f"invalid YAML at {where}: {error.problem}"
+    if error.context and error.context_mark is not None:
+        context = error.context_mark
+        text += (
+            f" ({error.context} at line {context.line + 1}, "
+            f"column {context.column + 1})"
+        )
+    return text
 
 
 def _boards_dir() -> Path:
@@ -1151,6 +1319,12 @@ def load_board(name_or_path: str | Path = DEFAULT_BOARD) -> Board:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read board file {path}: {error}") from error
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise ConfigError(
+            f"cannot read board file {path}: not UTF-8 text (byte 0x{byte:02x} at "
+            f"offset {error.start}); save it with UTF-8 encoding"
+        ) from error
     return parse_board(text, str(path))
 
 

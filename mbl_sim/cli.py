@@ -324,6 +324,56 @@ def _cmd_boards(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_board_output(name: str, output: Path) -> None:
+    """Check that ``board new`` can write the board file ``output``.
+
+    Raises:
+        ConfigError: ``output`` is not named NAME.yaml, is a directory, or its
+            directory is missing.
+    """
+    file_name = f"{name}.yaml"
+    if output.is_dir():
+        raise ConfigError(
+            f"board file {output} is a directory; pass --output "
+            f"{output / file_name} to write the file into it"
+        )
+    if output.name != file_name:
+        # load_board takes NAME.yaml as a path and a bare NAME as a shipped board,
+        # so the certify command printed after writing needs the suffix.
+        raise ConfigError(
+            f"--output {output}: a board file's name must be the board's name with "
+            f".yaml, for example --output {output.parent / file_name}"
+        )
+    directory = output.parent
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--output {output}: {directory} is not a directory")
+    if not directory.exists():
+        raise ConfigError(
+            f"--output {output}: directory {directory} not found; create it first"
+        )
+
+
+def _cmd_board(args: argparse.Namespace) -> int:
+    """Run ``mbl-sim board`` with the handler of ``mbl_sim.certify.command``.
+
+    For ``board new`` it checks the output path first and turns a failed write of
+    the board file into a ConfigError, which the CLI reports with exit status 2.
+    """
+    if args.board_command != "new":
+        return certify_command.run_board(args)
+    args.output = args.output or Path(f"{args.name}.yaml")
+    _check_board_output(args.name, args.output)
+    try:
+        return certify_command.run_board(args)
+    except OSError as error:
+        if error.filename != str(args.output):
+            raise
+        raise ConfigError(
+            f"cannot write board file {args.output}: {error.strerror}; write it "
+            "into a directory you can write to"
+        ) from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -338,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "boards": _cmd_boards,
         **certify_command.COMMANDS,
         **campaign_cli.COMMANDS,
+        "board": _cmd_board,
     }
     try:
         return handlers[args.command](args)

@@ -16,6 +16,10 @@ A bundle holds:
 ``replay(bundle)`` rebuilds the state's disk, checks that its digest matches,
 runs the host checks and boots it. ``tar -cSf`` keeps ``start.raw`` sparse when a
 bundle is copied elsewhere.
+
+A replay writes into a work directory that it marks with ``.mbl-sim-replay``.
+It empties a directory only when that directory carries the mark or is the
+bundle's own ``replay/``. Any other directory must be new or empty.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = 1
+REPLAY_MARKER = ".mbl-sim-replay"
+"""File that marks a directory as a replay's work directory, which the next replay
+into it may empty."""
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -126,33 +134,192 @@ class ReplayResult:
         return self.host.problems + boot
 
 
-def _read_manifest(bundle: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Manifest:
+    """The manifest keys that a replay reads."""
+
+    name: str
+    state: CrashState
+    state_digest: str
+    base_digest: str
+    log_sha256: str
+    problems: list[str]
+
+
+def _describe_json(value: object) -> str:
+    """Describe a JSON value for an error: its type if it is an array or object,
+    else the value itself."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return json.dumps(value)
+
+
+def _is_count(value: object) -> bool:
+    # JSON true and false load as bool, which is a subclass of int.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_counts(value: object) -> bool:
+    return isinstance(value, list) and all(_is_count(item) for item in value)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+class _ManifestReader:
+    """Reads the keys of one bundle's manifest, with errors that name the file and
+    the key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, problem: str) -> ConfigError:
+        return ConfigError(
+            f"invalid bundle manifest {self.path}: {problem}; copy the bundle again"
+            " from the campaign's bundles/ directory"
+        )
+
+    def get(
+        self,
+        document: dict[str, Any],
+        path: str,
+        expected: str,
+        valid: Callable[[object], bool],
+    ) -> Any:
+        """Return the key at the end of the dotted ``path`` from ``document``.
+
+        Raises:
+            ConfigError: the key is missing, or ``valid`` rejects its value.
+        """
+        key = path.rpartition(".")[2]
+        if key not in document:
+            raise self.error(f"missing key {path!r}")
+        value = document[key]
+        if not valid(value):
+            raise self.error(
+                f"key {path!r} is {_describe_json(value)}, expected {expected}"
+            )
+        return value
+
+    def string(self, document: dict[str, Any], path: str) -> str:
+        value: str = self.get(
+            document, path, "a string", lambda value: isinstance(value, str)
+        )
+        return value
+
+    def state(self, document: dict[str, Any]) -> CrashState:
+        """Check the crash state as ``CrashState.to_json`` writes it, and read it."""
+        state = self.get(
+            document, "state", "an object", lambda value: isinstance(value, dict)
+        )
+        self.get(state, "state.point", "a number from 0", _is_count)
+        self.get(state, "state.kept", "an array of log indices", _is_counts)
+        torn = self.get(
+            state,
+            "state.torn",
+            "null or an object",
+            lambda value: value is None or isinstance(value, dict),
+        )
+        if torn is not None:
+            for key in ("index", "kept_bytes"):
+                self.get(torn, f"state.torn.{key}", "a number from 0", _is_count)
+        return CrashState.from_json(state)
+
+
+def _read_manifest(bundle: Path) -> _Manifest:
+    """Check that ``bundle`` has every file, and read and check its manifest.
+
+    Raises:
+        ConfigError: the bundle is missing, lacks a file, or its manifest is
+            invalid.
+    """
+    if not bundle.is_dir():
+        problem = "is not a directory" if bundle.exists() else "not found"
+        raise ConfigError(f"bundle {bundle} {problem}")
+    for name in (MANIFEST_FILE, RECORDING_FILE, BASE_FILE, LOG_FILE):
+        if not (bundle / name).is_file():
+            raise ConfigError(f"bundle {bundle} is incomplete: {name} missing")
     path = bundle / MANIFEST_FILE
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
+        document: object = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read bundle manifest {path}: {error}") from error
-    if manifest.get("format") != BUNDLE_FORMAT:
+    reader = _ManifestReader(path)
+    if not isinstance(document, dict):
+        raise reader.error(
+            f"the manifest is {_describe_json(document)}, expected an object"
+        )
+    if document.get("format") != BUNDLE_FORMAT:
         raise ConfigError(
-            f"{path}: bundle format {manifest.get('format')!r}, expected"
+            f"{path}: bundle format {document.get('format')!r}, expected"
             f" {BUNDLE_FORMAT}"
         )
-    return manifest
+    return _Manifest(
+        name=reader.string(document, "name"),
+        state=reader.state(document),
+        state_digest=reader.string(document, "state_digest"),
+        base_digest=reader.string(document, "base_digest"),
+        log_sha256=reader.string(document, "log_sha256"),
+        problems=reader.get(document, "problems", "an array of strings", _is_strings),
+    )
 
 
-def _verify(bundle: Path, recording: Recording, manifest: dict[str, Any]) -> None:
+def _verify(bundle: Path, recording: Recording, manifest: _Manifest) -> None:
     base_digest = image_digest(recording.base)
-    if base_digest != manifest["base_digest"]:
+    if base_digest != manifest.base_digest:
         raise ConfigError(
             f"{bundle / BASE_FILE}: content digest {base_digest}, the manifest"
-            f" expects {manifest['base_digest']}"
+            f" expects {manifest.base_digest}"
         )
     log_digest = file_digest(recording.log_path)
-    if log_digest != manifest["log_sha256"]:
+    if log_digest != manifest.log_sha256:
         raise ConfigError(
             f"{bundle / LOG_FILE}: SHA-256 {log_digest}, the manifest expects"
-            f" {manifest['log_sha256']}"
+            f" {manifest.log_sha256}"
         )
+
+
+def _prepare_workdir(workdir: Path, bundle: Path, *, owned: bool) -> None:
+    """Make ``workdir`` an empty directory that carries the replay mark.
+
+    A non-empty ``workdir`` is emptied only when it carries the mark or ``owned``
+    is true, so that a replay deletes no file that mbl-sim did not write.
+
+    Raises:
+        ConfigError: ``workdir`` is not a directory, contains files that no replay
+            wrote, contains the bundle, or cannot be created.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(
+            f"work directory {workdir} is not a directory; pass --workdir with a new"
+            " or empty directory"
+        )
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not owned and not (workdir / REPLAY_MARKER).is_file():
+            raise ConfigError(
+                f"work directory {workdir} is not empty and no replay made it, so"
+                " replay does not empty it; pass --workdir with a new or empty"
+                " directory"
+            )
+        if bundle.resolve().is_relative_to(workdir.resolve()):
+            raise ConfigError(
+                f"work directory {workdir} contains the bundle {bundle}; pass"
+                " --workdir with a directory outside the bundle"
+            )
+        shutil.rmtree(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / REPLAY_MARKER).write_text(
+            f"Work directory of mbl-sim replay {bundle}. The next replay into this"
+            " directory deletes everything in it.\n"
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create work directory {workdir}: {error.strerror}"
+        ) from error
 
 
 def replay(
@@ -167,26 +334,28 @@ def replay(
 
     ``images`` default to the board's built images (built if needed). ``workdir``
     keeps the state's disk and the boot's console transcript; by default they go
-    to the bundle's ``replay/`` directory.
+    to the bundle's ``replay/`` directory. A ``workdir`` that an earlier replay
+    made is emptied first; any other must be new or empty.
 
     Raises:
-        ConfigError: the bundle is incomplete, or a file's digest does not match
-            the manifest.
+        ConfigError: the bundle is incomplete or invalid, a file's digest does not
+            match the manifest, or ``workdir`` cannot be used.
     """
     manifest = _read_manifest(bundle)
     recording = Recording.load(bundle)
     _verify(bundle, recording, manifest)
-    state = CrashState.from_json(manifest["state"])
+    state = manifest.state
+    # The bundle's own replay/ directory contains only what earlier replays wrote.
+    owned = workdir is None
     workdir = workdir or bundle / "replay"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    _prepare_workdir(workdir, bundle, owned=owned)
     window = recording.read_log()
     disk = materialise(recording.base, window, state, workdir / "disk.raw")
     digest = image_digest(disk)
-    if digest != manifest["state_digest"]:
+    if digest != manifest.state_digest:
         raise ConfigError(
-            f"state {manifest['name']} rebuilt from {bundle} has content digest"
-            f" {digest}, the manifest expects {manifest['state_digest']}"
+            f"state {manifest.name} rebuilt from {bundle} has content digest"
+            f" {digest}, the manifest expects {manifest.state_digest}"
         )
     board = images.board if images is not None else load_board(recording.board_source)
     view = StateView(board, recording, window, state, workdir / "host")
@@ -207,9 +376,9 @@ def replay(
             timeout=boot_timeout,
         )
     return ReplayResult(
-        name=str(manifest["name"]),
+        name=manifest.name,
         state=state,
-        recorded_problems=list(manifest["problems"]),
+        recorded_problems=list(manifest.problems),
         host=host,
         boot=boot_result,
     )

@@ -13,6 +13,7 @@ handlers. ``python -m mbl_sim.campaign`` runs them on their own.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import time
@@ -59,15 +60,27 @@ def _content_files(text: str) -> int | None:
     return value
 
 
-def _share(text: str) -> float:
+def _number(text: str, expected: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number from 0 to 1, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _share(text: str) -> float:
+    expected = "a number from 0 to 1"
+    value = _number(text, expected)
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    expected = "a positive number of seconds"
+    value = _number(text, expected)
+    # float() also reads "nan" and "inf", which no timeout can use.
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
 
 
@@ -86,14 +99,15 @@ def add_parsers(commands: Any) -> None:
         "--workdir",
         type=Path,
         default=None,
-        help="directory for the state's disk and console (default BUNDLE/replay)",
+        help="new or empty directory for the state's disk and console, or one that"
+        " an earlier replay wrote, which is emptied first (default BUNDLE/replay)",
     )
     replay_parser.add_argument(
         "--no-boot", action="store_true", help="run the host checks only"
     )
     replay_parser.add_argument(
         "--boot-timeout",
-        type=float,
+        type=_seconds,
         default=BOOT_TIMEOUT,
         help=f"seconds for each step of the boot (default {BOOT_TIMEOUT:g})",
     )
@@ -159,7 +173,7 @@ def _add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--boot-timeout",
-        type=float,
+        type=_seconds,
         default=BOOT_TIMEOUT,
         help=f"seconds for each step of a boot (default {BOOT_TIMEOUT:g})",
     )

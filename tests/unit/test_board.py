@@ -379,6 +379,13 @@ ERROR_CASES = [
         id="env-size-not-sectors",
     ),
     pytest.param(
+        set_key("storage.env.size", "8M"),
+        "storage.env.size",
+        "8M",
+        "at most 2088448 bytes, so that both copies fit",
+        id="env-size-above-space",
+    ),
+    pytest.param(
         set_key("storage.env.offsets", [0x100000]),
         "storage.env.offsets",
         [0x100000],
@@ -522,13 +529,60 @@ def test_name_must_match_file_name(tmp_path: Path) -> None:
 def test_duplicate_yaml_key_rejected() -> None:
     text = "name: x\nname: y\n"
 
-    with pytest.raises(BoardError, match="duplicate key 'name' \\(line 2\\)"):
+    with pytest.raises(BoardError) as caught:
         parse_board(text, "boards/x.yaml")
+
+    message = str(caught.value)
+    assert message.startswith("boards/x.yaml: line 2, column 1: duplicate key 'name'")
+    assert message.endswith("expected each key once in a mapping")
+    assert "YAML mapping" not in message
 
 
 def test_invalid_yaml_names_file() -> None:
-    with pytest.raises(BoardError, match=r"^boards/x.yaml: invalid YAML"):
+    with pytest.raises(BoardError) as caught:
         parse_board("qemu: [unclosed\n", "boards/x.yaml")
+
+    message = str(caught.value)
+    assert message.startswith("boards/x.yaml: invalid YAML at line 2, column 1: ")
+    assert "(while parsing a flow sequence at line 1, column 7)" in message
+    assert "<unicode string>" not in message
+
+
+def test_invalid_yaml_character_located() -> None:
+    with pytest.raises(BoardError) as caught:
+        parse_board("name: \x00\n", "boards/x.yaml")
+
+    message = str(caught.value)
+    assert message.startswith("boards/x.yaml: invalid YAML at character 7: ")
+    assert "found #x0000" in message
+    assert "<unicode string>" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("? [a, b]\n: 1\n", "key ['a', 'b'] is a list"), ("? {a: 1}\n: 1\n", "a dict")],
+    ids=["list", "mapping"],
+)
+def test_unhashable_yaml_key_rejected(text: str, shown: str) -> None:
+    with pytest.raises(BoardError) as caught:
+        parse_board(text, "boards/x.yaml")
+
+    message = str(caught.value)
+    assert message.startswith("boards/x.yaml: line 1, column 3: ")
+    assert shown in message
+    assert "expected a plain key such as a name" in message
+
+
+def test_board_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_board(path)
+
+    assert str(caught.value).startswith(
+        f"cannot read board file {path}: not UTF-8 text (byte 0xe9 at offset 9)"
+    )
 
 
 def test_top_level_not_mapping() -> None:

@@ -131,6 +131,22 @@ def delete_key(path: str) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+def update_storage(**values: object) -> Callable[[dict[str, Any]], None]:
+    """Return a change that sets several storage keys; None deletes a key."""
+
+    def change(data: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if value is None:
+                data["storage"].pop(key, None)
+            else:
+                data["storage"][key] = value
+
+    return change
+
+
+SD_TRANSFER = {"interface": "sd", "guest_disk": "/dev/mmcblk1"}
+VIRTIO_TRANSFER = {"interface": "virtio", "guest_disk": "/dev/vda"}
+
 ERROR_CASES = [
     pytest.param(
         "qemu-virt-a53",
@@ -276,8 +292,97 @@ ERROR_CASES = [
         "imx7-warp",
         set_key("storage.env", {"offsets": [0x100000, 0x120000], "size": 0x4000}),
         "storage.env",
-        "no env key, because boot.state is flag-files",
+        "a flag-files board keeps no U-Boot environment; expected no env key",
         id="env-with-flag-files",
+    ),
+    pytest.param(
+        "imx7-warp",
+        update_storage(sd_index=0, transfer={**SD_TRANSFER, "index": 0}),
+        "storage.transfer.index",
+        "card slot 0 is also storage.sd_index",
+        id="transfer-slot-of-storage",
+    ),
+    pytest.param(
+        "rpi3",
+        update_storage(transfer=SD_TRANSFER),
+        "storage.transfer.index",
+        "missing key: the default slot 0 is also storage.sd_index",
+        id="transfer-default-slot-of-storage",
+    ),
+    pytest.param(
+        "qemu-virt-a53",
+        update_storage(
+            interface="sdhci-pci",
+            guest_disk="/dev/mmcblk0",
+            partition_prefix="p",
+            transfer=VIRTIO_TRANSFER,
+        ),
+        "storage.interface",
+        "u-boot-qemu 2023.01) has no MMC driver",
+        id="sdhci-pci-with-u-boot",
+    ),
+    pytest.param(
+        "rpi3",
+        update_storage(interface="sdhci-pci"),
+        "storage.interface",
+        "storage interface 'sdhci-pci' needs PCI",
+        id="sdhci-pci-on-raspi3b",
+    ),
+    pytest.param(
+        "imx7-warp",
+        update_storage(interface="sdhci-pci", sd_index=None),
+        "storage.interface",
+        "expected 'sd' (the SoC's card slot) on machine 'mcimx7d-sabre'",
+        id="sdhci-pci-on-mcimx7d-sabre",
+    ),
+    pytest.param(
+        "imx6ul-evk",
+        update_storage(interface="virtio", sd_index=None),
+        "storage.interface",
+        "storage interface 'virtio' needs PCI",
+        id="virtio-on-mcimx6ul-evk",
+    ),
+    pytest.param(
+        "rpi3",
+        update_storage(transfer=VIRTIO_TRANSFER),
+        "storage.transfer.interface",
+        "transfer interface 'virtio' needs PCI",
+        id="virtio-transfer-on-raspi3b",
+    ),
+    pytest.param(
+        "qemu-virt-a53",
+        update_storage(sd_index=1),
+        "storage.sd_index",
+        "storage interface 'virtio' has no card slot; expected no sd_index key",
+        id="sd-index-on-virtio",
+    ),
+    pytest.param(
+        "rpi3",
+        set_key("storage.transfer.index", 1),
+        "storage.transfer.index",
+        "transfer interface 'partition' has no card slot",
+        id="transfer-index-on-partition",
+    ),
+    pytest.param(
+        "rpi3",
+        set_key("storage.transfer.guest_disk", "/dev/mmcblk1"),
+        "storage.transfer.guest_disk",
+        "the transfer partition's device is the guest disk",
+        id="transfer-guest-disk-on-partition",
+    ),
+    pytest.param(
+        "qemu-virt-a53",
+        update_storage(transfer={**VIRTIO_TRANSFER, "partition": "scratch"}),
+        "storage.transfer.partition",
+        "transfer interface 'virtio' is a whole disk",
+        id="transfer-partition-on-virtio",
+    ),
+    pytest.param(
+        "qemu-virt-a53",
+        update_storage(guest_disk="/dev/vdz"),
+        "storage.transfer",
+        "no disk name follows storage.guest_disk /dev/vdz",
+        id="default-transfer-after-vdz",
     ),
     pytest.param(
         "imx7-warp",
@@ -357,6 +462,34 @@ def test_sd_transfer_in_other_slot(tmp_path: Path) -> None:
     assert transfer.interface == "sd"
     assert transfer.index == 0
     assert transfer.guest_disk == "/dev/mmcblk0"
+
+
+def sdhci_pci_variant(data: dict[str, Any]) -> None:
+    """Change qemu-virt-a15 into a board whose card is on sdhci-pci, booted
+    without U-Boot, as the SD storage integration test builds it."""
+    data["firmware"] = {"kind": "none"}
+    storage = data["storage"]
+    storage.update(interface="sdhci-pci", guest_disk="/dev/mmcblk0")
+    storage["partition_prefix"] = "p"
+    del storage["env"]
+    storage["partitions"].append({"name": "bootflags", "size": "4M", "fs": "ext4"})
+    storage["transfer"] = dict(VIRTIO_TRANSFER)
+    data["boot"]["state"] = "flag-files"
+
+
+@pytest.mark.parametrize("machine", ["virt,highmem=off", "virt-7.2,highmem=off"])
+def test_sdhci_pci_without_u_boot_loads(tmp_path: Path, machine: str) -> None:
+    data = board_data("qemu-virt-a15")
+    sdhci_pci_variant(data)
+    data["qemu"]["machine"] = machine
+    path = tmp_path / "qemu-virt-a15.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    storage = load_board(path).storage
+
+    assert storage.interface == "sdhci-pci"
+    assert storage.transfer.interface == "virtio"
+    assert storage.transfer.guest_disk == "/dev/vda"
 
 
 def test_require_env_on_flag_board_names_state() -> None:

@@ -69,7 +69,9 @@ def write_log(path: Path, layout: str, env_offset: int | None = None) -> WriteLo
                 writer.write(env_offset, bytes(SECTOR))
             else:
                 count = 4 if kind == "W" else 1
-                writer.write(number * 8 * SECTOR, bytes([number % 256]) * count * SECTOR)
+                writer.write(
+                    number * 8 * SECTOR, bytes([number % 256]) * count * SECTOR
+                )
     return read_log(path)
 
 
