@@ -30,7 +30,7 @@ from mbl_sim.console import (
     Shell,
     stop_autoboot,
 )
-from mbl_sim.errors import ConfigError, TargetError, UpdateFailedError
+from mbl_sim.errors import ConfigError, QmpError, TargetError, UpdateFailedError
 from mbl_sim.images.recipe import DeviceImages
 from mbl_sim.log import step
 from mbl_sim.machine import BlockdevDisk, BootFiles, Machine, create_overlay
@@ -220,16 +220,24 @@ class Device:
         """Kill QEMU at once with SIGKILL, as a power cut; the guest's page cache is
         lost.
 
-        Without the storage model every write that reached the host file survives
+        Without the storage model every write that the guest completed survives
         and this returns None. With it (`attach_storage_model`), ``policy`` decides
         which writes that no flush covered survive (by default none), and the
         returned record holds what reproduces the cut.
         """
         machine = self._running()
         self._log.warning("power cut (SIGKILL to QEMU pid %d)", machine.pid)
-        self._kill()
         if self.storage is None:
+            # QEMU keeps the qcow2 overlay's cluster mappings in memory until a
+            # flush, and an SD card is never sent one: killed at once, QEMU would
+            # lose every write since power-on. Pausing flushes them first.
+            try:
+                machine.stop()
+            except QmpError as error:
+                self._log.warning("pausing before the power cut failed: %s", error)
+            self._kill()
             return None
+        self._kill()
         return self.storage.cut(policy, trigger="power_cut() call")
 
     def _kill(self) -> None:

@@ -15,8 +15,12 @@ Fixtures:
     rootfs_payload build (or reuse) a root filesystem payload with a change
     app_payload    build an application payload from ``ShellApp`` packages
 
-Tests that boot QEMU carry the ``qemu`` marker. They are skipped, with the reason,
-when the host lacks QEMU or the board's firmware.
+Markers:
+    qemu                  the test boots QEMU; skipped, with the reason, when the
+                          host lacks QEMU or the board's firmware
+    needs(CAPABILITY, …)  the test runs only on boards with every named capability
+                          (see ``BOARD_CAPABILITIES``) and is skipped on the others
+                          with a reason naming the board and the capability it lacks
 """
 
 from __future__ import annotations
@@ -38,6 +42,36 @@ from mbl_sim.ipk import IpkFormat, ShellApp, build_shell_app_payload
 from mbl_sim.payloads import RootfsChange, cached_rootfs_payload
 
 _FAILED_KEY = pytest.StashKey[bool]()
+_BOARDS_KEY = pytest.StashKey[list[Board]]()
+
+BOARD_CAPABILITIES: dict[str, str] = {
+    "u-boot": "U-Boot runs the boot script (firmware kind u-boot)",
+    "u-boot-env": "the boot state is the redundant U-Boot environment on the disk "
+    "(boot state u-boot-env)",
+    "flag-files": "the initramfs keeps the boot state in flag files on the bootflags "
+    "partition (boot state flag-files)",
+}
+"""Capabilities that ``@pytest.mark.needs`` accepts, with what each means."""
+
+
+def board_lacks(board: Board, capability: str) -> str | None:
+    """Return why ``board`` lacks ``capability``, or None when it has it.
+
+    Raises:
+        ValueError: ``capability`` is not in `BOARD_CAPABILITIES`.
+    """
+    if capability not in BOARD_CAPABILITIES:
+        known = ", ".join(BOARD_CAPABILITIES)
+        raise ValueError(
+            f"unknown board capability {capability!r}; expected one of: {known}"
+        )
+    if capability == "u-boot":
+        if board.firmware.is_u_boot:
+            return None
+        return f"its firmware kind is {board.firmware.kind!r}"
+    if board.boot.state == capability:
+        return None
+    return f"its boot state is {board.boot.state!r}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -65,12 +99,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_BOARDS_KEY] = _load_boards(config)
     config.addinivalue_line("markers", "qemu: boots real QEMU guests (integration)")
+    capabilities = ", ".join(BOARD_CAPABILITIES)
+    config.addinivalue_line(
+        "markers",
+        "needs(*capabilities): run only on boards with every named capability "
+        f"({capabilities}); skipped on other boards",
+    )
+
+
+def _load_boards(config: pytest.Config) -> list[Board]:
+    """Load the boards of ``--board``, or the default board.
+
+    Raises:
+        pytest.UsageError: a board is unknown or invalid, or two options name boards
+            of the same name, whose test ids would clash.
+    """
+    names = config.getoption("--board") or [DEFAULT_BOARD]
+    boards: dict[str, Board] = {}
+    for name in names:
+        try:
+            board = load_board(name)
+        except ConfigError as error:
+            raise pytest.UsageError(f"--board {name}: {error}") from error
+        if board.name in boards:
+            raise pytest.UsageError(
+                f"--board {name}: board {board.name!r} is already selected (from "
+                f"{boards[board.name].source}); give each board once"
+            )
+        boards[board.name] = board
+    return list(boards.values())
 
 
 def _boards(config: pytest.Config) -> list[Board]:
-    names = config.getoption("--board") or [DEFAULT_BOARD]
-    return [load_board(name) for name in names]
+    return config.stash[_BOARDS_KEY]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -101,6 +164,42 @@ def pytest_collection_modifyitems(
             if name in missing:
                 reason = f"host cannot run board {name}: {missing[name]}"
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a test marked ``needs`` on a board that lacks a named capability.
+
+    This runs before the fixtures, so a skipped test builds and boots nothing. A
+    ``needs`` marker without capabilities, with an unknown one, or on a test that
+    does not use the ``board`` fixture fails the test.
+    """
+    markers = list(item.iter_markers("needs"))
+    if not markers:
+        return
+    callspec = getattr(item, "callspec", None)
+    board = callspec.params.get("board") if callspec else None
+    if not isinstance(board, Board):
+        pytest.fail(
+            "@pytest.mark.needs applies only to tests that use the board fixture "
+            "(directly or through device, device_images …)",
+            pytrace=False,
+        )
+    for marker in markers:
+        names_only = all(isinstance(arg, str) for arg in marker.args)
+        if not marker.args or marker.kwargs or not names_only:
+            pytest.fail(
+                "@pytest.mark.needs takes one or more capability names as "
+                f"positional arguments, got {marker.args!r} {marker.kwargs!r}",
+                pytrace=False,
+            )
+        for capability in marker.args:
+            try:
+                reason = board_lacks(board, capability)
+            except ValueError as error:
+                pytest.fail(f"@pytest.mark.needs: {error}", pytrace=False)
+            if reason is not None:
+                pytest.skip(f"board {board.name} lacks {capability!r}: {reason}")
 
 
 @pytest.hookimpl(wrapper=True)

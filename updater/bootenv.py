@@ -287,8 +287,9 @@ def _select(
             "both U-Boot environment copies are invalid:"
             f" copy 1 on {locations[0].describe()}: {reasons[0]};"
             f" copy 2 on {locations[1].describe()}: {reasons[1]}."
-            " Nothing was changed. Restore the environment from U-Boot"
-            " ('env default -a; saveenv') or rewrite the image"
+            " Nothing was changed, and the boot script boots the factory slot in"
+            " this state. Write both copies again from the device's factory image:"
+            " U-Boot's own saveenv does not write these copies"
         )
     if first is not None and second is not None:
         current = newer_copy_index(first.flag, second.flag)

@@ -48,11 +48,15 @@ class FlagFiles:
         directory: the mounted bootflags partition.
         slot_devices: block device of each slot, keyed by ``a`` and ``b``.
         bootlimit: boots allowed on trial, as the initramfs applies it.
+        mount_point: ``directory`` must be a mount point, as on a device, where an
+            unmounted bootflags partition leaves an empty directory of the root
+            filesystem that the initramfs never reads.
     """
 
     directory: str
     slot_devices: Mapping[str, str]
     bootlimit: int
+    mount_point: bool = False
 
     def path(self, name: str) -> str:
         """Return the path of the flag file ``name``."""
@@ -108,6 +112,20 @@ def _read_text(path: str) -> str | None:
         raise SlotError(f"cannot read flag file {path}: {exc}") from exc
 
 
+def _check_directory(flags: FlagFiles) -> None:
+    if not os.path.isdir(flags.directory):
+        raise SlotError(
+            f"flag directory {flags.directory} not found; the bootflags partition"
+            " must be mounted there (see /etc/fstab)"
+        )
+    if flags.mount_point and not os.path.ismount(flags.directory):
+        raise SlotError(
+            f"flag directory {flags.directory} is not a mount point; mount the"
+            " bootflags partition there (see /etc/fstab): the initramfs reads the"
+            " flag files from that partition only"
+        )
+
+
 def read_flags(flags: FlagFiles) -> FlagState:
     """Read the flag files.
 
@@ -115,11 +133,7 @@ def read_flags(flags: FlagFiles) -> FlagState:
         SlotError: the directory is missing (the bootflags partition is not mounted)
             or a file cannot be read.
     """
-    if not os.path.isdir(flags.directory):
-        raise SlotError(
-            f"flag directory {flags.directory} not found; the bootflags partition"
-            " must be mounted there (see /etc/fstab)"
-        )
+    _check_directory(flags)
     active = "b" if os.path.lexists(flags.path(ROOTFS2)) else "a"
     trial_slot, bootcount, stale = _parse_trial(flags, active)
     rolled = (_read_text(flags.path(ROLLED_BACK_FROM)) or "").strip() or None
@@ -176,6 +190,7 @@ def flip_to(flags: FlagFiles, slot: str, previous: str) -> FlagState:
             f"cannot switch to slot {slot!r}: it is also the previous slot; the new"
             " root filesystem must be in the slot that is not running"
         )
+    _check_directory(flags)
     try:
         remove_durably(flags.path(ROLLED_BACK_FROM))
         write_atomically(flags.path(TRIAL), f"{slot} 0\n".encode())

@@ -55,7 +55,9 @@ def boot_store(config: DeviceConfig) -> BootStore:
         ConfigError: fw_env.config cannot be read or is invalid.
     """
     if config.boot_state == "flag-files":
-        return flagfile.FlagFiles(config.flag_dir, config.slots, config.bootlimit)
+        return flagfile.FlagFiles(
+            config.flag_dir, config.slots, config.bootlimit, mount_point=True
+        )
     return load_fw_env_config(config.fw_env_config)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from mbl_sim.console import CommandResult
 from mbl_sim.device import Device
-from mbl_sim.images.recipe import SLOT_PARTITIONS
+from mbl_sim.images.recipe import FLAGS_MOUNT_POINT, SLOT_PARTITIONS
 from mbl_sim.payloads import (
     ROOTFS_MEMBER,
     RootfsChange,
@@ -42,6 +42,9 @@ INSTALL_TIMEOUT = 600.0
 # One line of base64 output. Kernel messages that reach the console between such
 # lines are skipped.
 _BASE64_LINE = re.compile(r"[A-Za-z0-9+/=]+")
+# One line of `flag_files` output: a file name, ":" and its content in hex. Kernel
+# messages that reach the console between such lines are skipped.
+_FLAG_FILE_LINE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+):(?P<content>(?:[0-9a-f]{2})*)")
 
 
 # -- running the updater ---------------------------------------------------------------
@@ -104,7 +107,7 @@ def fw_printenv(device: Device) -> dict[str, str]:
 
 def reboot_transcript(device: Device) -> str:
     """Reboot the device, wait for its shell and return the console output of the
-    reboot, from U-Boot to the shell."""
+    reboot, from U-Boot (or the kernel on boards without U-Boot) to the shell."""
     transcript = device.workdir / "console.log"
     start = transcript.stat().st_size
     device.reboot()
@@ -183,6 +186,57 @@ def write_byte(device: Device, path: str, offset: int, value: int) -> None:
         f"printf '\\{value:03o}' | dd of={path} bs=1 seek={offset} conv=notrunc,fsync"
         " 2>/dev/null"
     )
+
+
+# -- boot state of either mechanism ----------------------------------------------------
+
+
+def uses_flag_files(device: Device) -> bool:
+    """Return whether the device's board keeps its boot state in flag files (else in
+    the U-Boot environment)."""
+    return device.board.boot.state == "flag-files"
+
+
+def _each_flag_file(command: str) -> str:
+    """Return a shell loop that runs ``command`` on each regular file ``$f`` of the
+    flag directory, in name order."""
+    return (
+        f'for f in {FLAGS_MOUNT_POINT}/*; do [ -f "$f" ] || continue; {command}; done'
+    )
+
+
+def flag_files(device: Device) -> dict[str, bytes]:
+    """Return the content of each regular file in the flag directory by file name.
+
+    Only boards whose boot state is ``flag-files`` have that directory.
+    """
+    assert uses_flag_files(device), device.board.name
+    # One line per file: the name, ":" and the content in hex.
+    output = device.check_output(
+        _each_flag_file(
+            'printf "%s:" "${f##*/}"; od -An -tx1 "$f" | tr -d " \\n"; echo'
+        )
+    )
+    files = {}
+    for line in output.splitlines():
+        match = _FLAG_FILE_LINE.fullmatch(line.strip())
+        if match is not None:
+            files[match["name"]] = bytes.fromhex(match["content"])
+    return files
+
+
+def boot_state_digest(device: Device) -> str:
+    """Return a digest that any write to the boot state changes.
+
+    With a U-Boot environment it is the digest of both raw copies. With flag files it
+    covers each file's name, inode number, modification time and content, because the
+    updater and the initramfs replace a file by renaming a new one over it, which
+    changes the inode even when the content stays.
+    """
+    if not uses_flag_files(device):
+        return device.env_digest()
+    listing = _each_flag_file('stat -c "%n %i %Y" "$f"; sha256sum "$f"')
+    return device.check_output(f"{listing} | sha256sum").split()[0]
 
 
 # -- U-Boot environment copies ---------------------------------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import boot_state_digest
 
 from mbl_sim.device import Device
 from mbl_sim.ipk import IpkFormat, ShellApp
@@ -134,7 +135,7 @@ def test_malformed_payloads_change_nothing(
     }
     pid = device.apps()["hello"]["pid"]
     snapshot = device.check_output(SNAPSHOT)
-    env = device.env_digest()
+    boot_state = boot_state_digest(device)
     for name, (members, message) in cases.items():
         payload = raw_payload(tmp_path / f"{name}.tar", members)
 
@@ -144,7 +145,7 @@ def test_malformed_payloads_change_nothing(
         assert message in result.output, name
         assert device.apps()["hello"]["pid"] == pid, name
         assert device.check_output(SNAPSHOT) == snapshot, name
-        assert device.env_digest() == env, name
+        assert boot_state_digest(device) == boot_state, name
         assert device.app_state("world") == "not installed", name
 
 
@@ -185,7 +186,7 @@ def test_three_builds_install_identical_files(
 
     pid = device.apps()["hello"]["pid"]
     snapshot = device.check_output(SNAPSHOT)
-    env = device.env_digest()
+    boot_state = boot_state_digest(device)
     page = (
         b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head></html>\n"
     )
@@ -201,7 +202,7 @@ def test_three_builds_install_identical_files(
     assert "it is an HTML page" in result.output
     assert device.apps()["hello"]["pid"] == pid
     assert device.check_output(SNAPSHOT) == snapshot
-    assert device.env_digest() == env
+    assert boot_state_digest(device) == boot_state
 
 
 def _write(path: Path, data: bytes) -> Path:

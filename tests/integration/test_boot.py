@@ -1,4 +1,5 @@
-"""Boot a device to its shell through U-Boot and the initramfs."""
+"""Boot a device to its shell through U-Boot (or QEMU's direct kernel load on boards
+without U-Boot) and the initramfs."""
 
 import pytest
 

@@ -1,5 +1,9 @@
 """The updater and libubootenv's fw_printenv/fw_setenv share the environment through
-the same /etc/fw_env.config, and the boot script reads what either one writes."""
+the same /etc/fw_env.config, and the boot script reads what either one writes.
+
+Boards with flag files have no environment. test_flag_files.py checks the same
+agreement between the shell, the updater and the initramfs there.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from helpers import fw_printenv, install_without_reboot, kernel_parameter
 
 from mbl_sim.device import Device
 
-pytestmark = pytest.mark.qemu
+pytestmark = [pytest.mark.qemu, pytest.mark.needs("u-boot-env")]
 
 # A value with a blank and an "=" checks that both sides split only at the first "=".
 NOTE_VALUE = "two words=x"

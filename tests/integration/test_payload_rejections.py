@@ -8,7 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import add_file, install_without_reboot, partition_digest, slot_device
+from helpers import (
+    add_file,
+    boot_state_digest,
+    install_without_reboot,
+    partition_digest,
+    slot_device,
+)
 
 from mbl_sim.device import Device
 from mbl_sim.payloads import ROOTFS_MEMBER
@@ -76,7 +82,7 @@ def check_rejected_unchanged(
     """Install ``payload``, expect a rejection naming ``expected_message``, and check
     that nothing changed, through a reboot."""
     inactive = slot_device(device, "b")
-    env_before = device.env_digest()
+    boot_state_before = boot_state_digest(device)
     slot_before = partition_digest(device, inactive)
 
     result = install_without_reboot(device, payload)
@@ -84,14 +90,14 @@ def check_rejected_unchanged(
     assert result.exit_status == 1, result.output
     assert "mbl-update: error: payload" in result.output
     assert expected_message in result.output
-    assert device.env_digest() == env_before
+    assert boot_state_digest(device) == boot_state_before
     assert partition_digest(device, inactive) == slot_before
 
     device.reboot()
 
     assert device.running_slot() == "a"
     assert device.version() == device.images.factory_version
-    assert device.env_digest() == env_before
+    assert boot_state_digest(device) == boot_state_before
 
 
 @pytest.mark.parametrize("case", list(TAR_CASES))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    boot_state_digest,
     build_rootfs_payload_with,
     install_without_reboot,
     slot_device,
@@ -142,15 +143,15 @@ def build_filled_payload(
     return payload, sizes[0]
 
 
-def check_slot_a_still_boots(device: Device, env_before: str) -> None:
-    assert device.env_digest() == env_before
+def check_slot_a_still_boots(device: Device, boot_state_before: str) -> None:
+    assert boot_state_digest(device) == boot_state_before
     assert device.status()["active_slot"] == "a"
 
     device.reboot()
 
     assert device.running_slot() == "a"
     assert device.version() == device.images.factory_version
-    assert device.env_digest() == env_before
+    assert boot_state_digest(device) == boot_state_before
 
 
 def test_rootfs_one_byte_over_rejected(
@@ -158,7 +159,7 @@ def test_rootfs_one_byte_over_rejected(
 ) -> None:
     capacity = measure_capacity(device)
     payload, _ = build_filled_payload(device_images, capacity, 1, tmp_path)
-    env_before = device.env_digest()
+    boot_state_before = boot_state_digest(device)
 
     result = install_without_reboot(device, payload)
 
@@ -168,7 +169,7 @@ def test_rootfs_one_byte_over_rejected(
     needed = capacity.free_bytes + capacity.block_size
     assert f"brings the space needed to {needed} bytes" in result.output
     assert f"only {capacity.free_bytes} bytes are free" in result.output
-    check_slot_a_still_boots(device, env_before)
+    check_slot_a_still_boots(device, boot_state_before)
 
 
 def test_rootfs_at_capacity_boots(
@@ -208,11 +209,11 @@ def test_truncated_rootfs_rejected(
     truncated = tmp_path / ROOTFS_MEMBER
     truncated.write_bytes(data[: TRUNCATIONS[truncation](len(data))])
     payload = wrap_payload({ROOTFS_MEMBER: truncated}, tmp_path / "payload.tar")
-    env_before = device.env_digest()
+    boot_state_before = boot_state_digest(device)
 
     result = install_without_reboot(device, payload)
 
     assert result.exit_status == 1, result.output
     assert "mbl-update: error: rootfs.tar.xz is truncated or corrupt" in result.output
     assert "active slot is now" not in result.output
-    check_slot_a_still_boots(device, env_before)
+    check_slot_a_still_boots(device, boot_state_before)

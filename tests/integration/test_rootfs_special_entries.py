@@ -15,6 +15,7 @@ from helpers import (
     add_file,
     add_hard_link,
     add_symlink,
+    boot_state_digest,
     build_rootfs_payload_with,
     install_without_reboot,
     slot_device,
@@ -146,7 +147,7 @@ def write_escaping_payload(
 def test_escaping_entry_rejected(device: Device, tmp_path: Path, case: str) -> None:
     escape, *expected_messages = ESCAPES[case]
     payload = write_escaping_payload(tmp_path, escape)
-    env_before = device.env_digest()
+    boot_state_before = boot_state_digest(device)
     passwd_before = device.check_output("stat -c '%i %h' /etc/passwd")
 
     result = install_without_reboot(device, payload)
@@ -156,7 +157,7 @@ def test_escaping_entry_rejected(device: Device, tmp_path: Path, case: str) -> N
     for expected in expected_messages:
         assert expected in result.output
     assert "active slot is now" not in result.output
-    assert device.env_digest() == env_before
+    assert boot_state_digest(device) == boot_state_before
     # The updater mounts the new slot on a directory in /tmp, so "../escape" and a
     # link to /tmp would both land in /tmp.
     found = device.check_output("find / /tmp /scratch /run -xdev -name 'escape*'")
@@ -167,4 +168,4 @@ def test_escaping_entry_rejected(device: Device, tmp_path: Path, case: str) -> N
 
     assert device.running_slot() == "a"
     assert device.version() == device.images.factory_version
-    assert device.env_digest() == env_before
+    assert boot_state_digest(device) == boot_state_before

@@ -154,6 +154,23 @@ def test_missing_directory_named(tmp_path: Path) -> None:
         flagfile.read_flags(flags)
 
 
+def test_unmounted_directory_refused_before_writing(tmp_path: Path) -> None:
+    # An unmounted bootflags partition leaves the root filesystem's empty directory.
+    flags = FlagFiles(str(tmp_path), {"a": "/dev/x", "b": "/dev/y"}, 3, True)
+
+    with pytest.raises(SlotError, match="is not a mount point"):
+        flagfile.read_flags(flags)
+    with pytest.raises(SlotError, match="is not a mount point"):
+        flagfile.flip_to(flags, "b", "a")
+    assert os.listdir(tmp_path) == []
+
+
+def test_mount_point_accepted() -> None:
+    flags = FlagFiles("/", {"a": "/dev/x", "b": "/dev/y"}, 3, mount_point=True)
+
+    assert flagfile.read_flags(flags).active_slot in ("a", "b")
+
+
 def test_running_slot_from_root_device(tmp_path: Path) -> None:
     root_device = os.stat("/").st_dev
     matching = [
