@@ -47,7 +47,7 @@ def claim_directory(path: Path, marker: str, option: str) -> bool:
     carried the marker already (its content then came from an earlier run).
 
     Raises:
-        ConfigError: as `writable_directory`, or ``path`` holds files but no marker.
+        ConfigError: as `writable_directory`, or ``path`` contains files but no marker.
     """
     existing = path.is_dir() and any(path.iterdir())
     writable_directory(path, option)
@@ -56,7 +56,7 @@ def claim_directory(path: Path, marker: str, option: str) -> bool:
         return True
     if existing:
         raise ConfigError(
-            f"{option} {path}: the directory holds files that mbl-sim did not write"
+            f"{option} {path}: the directory contains files that mbl-sim did not write"
             " there; name a new or empty directory"
         )
     marker_path.write_text(

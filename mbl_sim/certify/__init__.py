@@ -66,8 +66,8 @@ WORKDIR_MARKER = ".mbl-sim-certify"
 """The file that marks a directory as certification output."""
 
 RUN_DIRECTORIES = ("device", "firmware-env", "power-cut")
-"""What a rerun into the same directory removes first: the devices and campaign
-of the run before."""
+"""Subdirectories that a rerun into the same directory removes first: the devices
+and the campaign of the run before."""
 
 
 def check_names() -> list[str]:
@@ -188,7 +188,7 @@ def certify(
 
     Raises:
         ConfigError: a name in ``only`` or ``skip`` is not a registered check, they
-            leave no check, or ``workdir`` is unusable or holds files that an
+            leave no check, or ``workdir`` is unusable or contains files that an
             earlier certification did not write.
     """
     selected = _selected_checks(only, skip)

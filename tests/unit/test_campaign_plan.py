@@ -89,7 +89,7 @@ def test_plan_names_every_flush(tmp_path: Path) -> None:
     assert {state.kind for state in plan} == {"flush"}
 
 
-def test_plan_of_a_disk_without_write_cache_has_a_state_per_write(
+def test_plan_write_through_state_per_write(
     tmp_path: Path,
 ) -> None:
     log = with_writes_durable(write_log(tmp_path / "w.log", "wWwe", env_offset=SECTOR))

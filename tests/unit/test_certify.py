@@ -273,6 +273,6 @@ def test_output_with_foreign_files_is_refused(tmp_path: Path) -> None:
     (tmp_path / "device").mkdir()
     (tmp_path / "device" / "notes.txt").write_text("mine\n")
 
-    with pytest.raises(ConfigError, match="holds files that mbl-sim did not write"):
+    with pytest.raises(ConfigError, match="contains files that mbl-sim did not write"):
         certify.certify(load_board("qemu-virt-a53"), tmp_path, only=["boot"])
     assert (tmp_path / "device" / "notes.txt").read_text() == "mine\n"

@@ -58,7 +58,7 @@ def test_claim_new_directory_then_rerun(tmp_path: Path) -> None:
 def test_claim_refuses_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me\n")
 
-    with pytest.raises(ConfigError, match="holds files that mbl-sim did not write"):
+    with pytest.raises(ConfigError, match="contains files that mbl-sim did not write"):
         claim_directory(tmp_path, MARKER, "--output")
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
     assert not (tmp_path / MARKER).exists()
