@@ -10,9 +10,10 @@ the offset and fails (e2fsprogs 1.47.0), so the checks cut the partition out fir
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["check_filesystem", "dump_files", "replay_journal", "run_tool"]
@@ -23,10 +24,19 @@ TOOL_TIMEOUT = 300.0
 
 
 def run_tool(
-    argv: Sequence[str | Path], timeout: float = TOOL_TIMEOUT
+    argv: Sequence[str | Path],
+    timeout: float = TOOL_TIMEOUT,
+    *,
+    package: str = "e2fsprogs",
+    environment: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run a host program, log it and its exit code, and return the exit code and
-    its combined output. A missing program or a timeout is exit code 127 or 124."""
+    its combined output. A missing program or a timeout is exit code 127 or 124.
+
+    ``package`` is the Debian package that provides the program, for the message
+    when it is missing. ``environment`` adds variables to the program's
+    environment.
+    """
     command = [str(part) for part in argv]
     log.debug("run: %s", shlex.join(command))
     try:
@@ -37,9 +47,10 @@ def run_tool(
             errors="replace",
             timeout=timeout,
             check=False,
+            env=None if environment is None else {**os.environ, **environment},
         )
     except FileNotFoundError:
-        return 127, f"command not found: {command[0]}; install e2fsprogs"
+        return 127, f"command not found: {command[0]}; install {package}"
     except subprocess.TimeoutExpired:
         return 124, f"timed out after {timeout:g} s: {shlex.join(command)}"
     log.debug("exit %d: %s", result.returncode, command[0])

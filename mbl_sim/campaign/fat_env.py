@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from mbl_sim.campaign.ext4 import run_tool
 from mbl_sim.device import BOOT_TIMEOUT, Device
 from mbl_sim.errors import ConfigError
 from mbl_sim.images.recipe import DeviceImages
@@ -42,7 +42,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER = "mbl_certify"
-"""The variable whose value (1 before, 2 after) tells the two saves apart."""
+"""The variable whose value (1 before, 2 after) distinguishes the two saves."""
 
 ENV_FILE = "uboot.env"
 BOOT_PARTITION = "boot"
@@ -192,15 +192,13 @@ def check_saveenv_states(
 
 def _read_env_file(image: Path, output: Path) -> tuple[str, str]:
     output.unlink(missing_ok=True)
-    copied = subprocess.run(
-        ["mcopy", "-n", "-i", str(image), f"::{ENV_FILE}", str(output)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+    code, message = run_tool(
+        ["mcopy", "-n", "-i", image, f"::{ENV_FILE}", output],
+        package="mtools",
+        environment={"MTOOLS_SKIP_CHECK": "1"},
     )
-    if copied.returncode != 0 or not output.exists():
-        return "lost", f"{ENV_FILE} unreadable: {copied.stderr.strip()[:80]}"
+    if code != 0 or not output.exists():
+        return "lost", f"{ENV_FILE} unreadable: {message.strip()[:80]}"
     try:
         variables = decode_single_copy(output.read_bytes())
     except BootEnvError as error:
@@ -214,10 +212,8 @@ def _read_env_file(image: Path, output: Path) -> tuple[str, str]:
 
 
 def _fat_clean(image: Path) -> bool:
-    checked = subprocess.run(
-        ["fsck.fat", "-n", str(image)], capture_output=True, check=False
-    )
-    return checked.returncode == 0
+    code, _output = run_tool(["fsck.fat", "-n", image], package="dosfstools")
+    return code == 0
 
 
 def saveenv_campaign(
