@@ -185,8 +185,8 @@ def decode_copy(raw: bytes) -> EnvCopy:
 
 def decode_single_copy(raw: bytes) -> dict[str, str]:
     """Check and parse an environment in U-Boot's single-copy layout, ``crc32 |
-    data``, which a build without a redundant environment writes (for example into
-    ``uboot.env`` on a FAT partition); return its variables.
+    data``, and return its variables. A build without a redundant environment
+    writes this layout, for example into ``uboot.env`` on a FAT partition.
 
     Raises:
         BootEnvCopyError: the CRC does not match, or the data area has no empty

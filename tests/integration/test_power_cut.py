@@ -104,7 +104,7 @@ def partition_image(disk: Path, device: Device, slot: str, directory: Path) -> P
 
 def active_slot(disk: Path, device: Device, directory: Path) -> str:
     """Return the slot that the boot state on ``disk`` names: the environment's
-    active_slot, or ``b`` when the bootflags partition holds the file rootfs2."""
+    active_slot, or ``b`` when the bootflags partition contains the file rootfs2."""
     storage = device.board.storage
     if storage.env is None:
         flags = storage.layout[FLAGS_PARTITION]

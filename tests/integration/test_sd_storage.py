@@ -1,7 +1,9 @@
-"""SD-attached storage: QEMU's write log behind the SoC's card slot, writes that are
-durable once complete, a card on a PCI SDHCI controller, and the crash states of
-U-Boot's ``saveenv`` on the Raspberry Pi, which keeps its environment as a FAT
-file."""
+"""SD-attached storage on real guests.
+
+Covered: QEMU's write log behind the SoC's card slot, writes that are durable once
+complete, and a card on a PCI SDHCI controller. The Raspberry Pi keeps U-Boot's own
+environment as a FAT file, and the crash states of its ``saveenv`` are checked too.
+"""
 
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def sdhci_pci_board(directory: Path) -> Path:
     return path
 
 
-def test_sdhci_pci_card_boots_and_keeps_writes(tmp_path: Path) -> None:
+def test_sdhci_pci_keeps_writes(tmp_path: Path) -> None:
     board = load_board(sdhci_pci_board(tmp_path / "boards"))
     images = ImageBuilder(board).build()
     with Device(images, tmp_path / "device") as device:
@@ -68,7 +70,7 @@ def test_sdhci_pci_card_boots_and_keeps_writes(tmp_path: Path) -> None:
         assert device.check_output("cat /home/kept") == "kept\n"
 
 
-def test_sd_card_writes_are_durable_once_complete(tmp_path: Path) -> None:
+def test_sd_writes_durable_once_complete(tmp_path: Path) -> None:
     images = ImageBuilder(load_board(FLAG_FILE_BOARD)).build()
     with Device(images, tmp_path / "device") as device:
         model = device.attach_storage_model()
@@ -86,15 +88,15 @@ def test_sd_card_writes_are_durable_once_complete(tmp_path: Path) -> None:
 
         assert cut.dropped_writes == 0
         assert cut.durable_writes >= len(writes) + 1
-        # The second sync writes data, journal blocks and a commit block; the cut
-        # after the first of them leaves the file out, and the filesystem mounts.
+        # The second sync writes data, journal blocks and a commit block. The cut
+        # after the first of them leaves the file out, but the filesystem mounts.
         device.power_on()
         assert device.booted_slot == "a"
         assert device.check_output("cat /home/first") == "first\n"
         assert device.run("test -e /home/second").exit_status == 1
 
 
-def test_fat_saveenv_crash_states_lose_the_environment(tmp_path: Path) -> None:
+def test_fat_saveenv_states_lose_env(tmp_path: Path) -> None:
     images = ImageBuilder(load_board(FAT_ENV_BOARD)).build()
 
     result = saveenv_campaign(images, tmp_path)

@@ -257,7 +257,7 @@ def make_recording(
 ) -> Recording:
     """A recording whose disk has slot a at 1.0.0 and slot b holding
     ``new_version_file`` as its version. With an environment, the log flips it to
-    b; with flag files, the bootflags partition holds ``flag_files`` and the log
+    b; with flag files, the bootflags partition contains ``flag_files`` and the log
     only flushes.
     """
     directory.mkdir()
